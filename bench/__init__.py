@@ -1,0 +1,1 @@
+"""Benchmarks of skillgate (``python -m bench.overhead``: the gateway's overhead over the stub)."""

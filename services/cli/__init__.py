@@ -1,0 +1,1 @@
+"""The ``skillgate`` console command: runs any service, the whole local stack, and operator tools."""

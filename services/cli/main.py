@@ -1,0 +1,197 @@
+"""``skillgate``: one command for every service, the local stack and the operator tools.
+
+skillgate stack                      # Kafka + dev issuer + stub (no key) + the four services
+skillgate ingress|policy|forwarder|recorder|stub-upstream|dev-issuer
+skillgate kafka start|stop           # the local broker alone
+skillgate token --user alice --groups eng [--expires-in 3600]
+skillgate sql "SELECT ..." [--format json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def _run_service(name: str) -> int:
+    if name == "ingress":
+        from services.ingress.main import run as run_ingress
+
+        run_ingress()
+    elif name == "policy":
+        from services.policy.main import run as run_policy
+
+        run_policy()
+    elif name == "forwarder":
+        from services.forwarder.main import run as run_forwarder
+
+        run_forwarder()
+    elif name == "recorder":
+        from services.recorder.main import run as run_recorder
+
+        run_recorder()
+    elif name == "stub-upstream":
+        from services.stub_upstream.main import run as run_stub
+
+        run_stub()
+    elif name == "dev-issuer":
+        from services.dev_issuer.main import run as run_issuer
+
+        run_issuer()
+    return 0
+
+
+def _stack(args: argparse.Namespace) -> int:
+    from services.cli.stack import Stack
+
+    key = os.environ.get("ANTHROPIC_API_KEY")
+    data_dir = Path(os.environ.get("SKILLGATE_DATA_DIR", "data")).resolve()
+    stack = Stack(
+        data_dir=data_dir,
+        kafka_bootstrap=os.environ.get("SKILLGATE_KAFKA_BOOTSTRAP"),
+        use_stub=not key,
+    )
+    if not key:
+        print(
+            "\n  !!! ANTHROPIC_API_KEY is not set: calls go to the local STUB upstream, not to Claude. !!!\n"
+            "  !!! Set ANTHROPIC_API_KEY and restart to reach the real API.                         !!!\n",
+            flush=True,
+        )
+    print("starting skillgate (first start fetches Kafka from Maven Central)...", flush=True)
+    stopping = False
+
+    def _stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        stack.start()
+        token = stack.token("alice", ["eng"])
+        url = stack.ingress_url
+        print(
+            f"""
+skillgate is running.
+  ingress (Anthropic API drop-in): {url}
+  recorder read API:               {stack.recorder_url}
+  dev OIDC issuer (dev only):      {stack.issuer_url}
+  upstream:                        {"stub at " + stack.stub_url if not key else "https://api.anthropic.com"}
+  logs:                            {data_dir / "logs"}
+
+Try it (a dev token for alice, valid 1 h):
+  export SKILLGATE_TOKEN=$(.venv/bin/skillgate token --user alice --groups eng)
+  curl -s {url}/v1/messages -H "authorization: Bearer $SKILLGATE_TOKEN" \\
+    -H 'anthropic-version: 2023-06-01' -H 'content-type: application/json' \\
+    -d '{{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{{"role":"user","content":"Hello"}}]}}'
+
+  .venv/bin/python -c 'import anthropic, os; c = anthropic.Anthropic(base_url="{url}", \\
+    api_key=os.environ["SKILLGATE_TOKEN"]); print(c.messages.create(model="claude-sonnet-4-5", \\
+    max_tokens=64, messages=[{{"role": "user", "content": "Hello"}}]).content[0].text)'
+
+  .venv/bin/skillgate sql "SELECT call_id, subject, state, status FROM calls ORDER BY submitted_at DESC LIMIT 5"
+
+Ctrl-C stops everything.
+(token for the examples above: {token[:16]}... run `skillgate token` for a full one)
+""",  # noqa: S608 - help text that shows a SQL example, not a query
+            flush=True,
+        )
+        while not stopping:
+            failed = stack.failed()
+            if failed:
+                print(f"service(s) exited: {', '.join(failed)}; see {data_dir / 'logs'}", file=sys.stderr)
+                return 1
+            time.sleep(0.5)  # supervising loop, not synchronisation
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("\nstopping skillgate...", flush=True)
+        stack.stop()
+        print("stopped.", flush=True)
+    return 0
+
+
+def _mint(user: str, groups: list[str], expires_in: int | None, issuer: str | None = None) -> str:
+    from services.dev_issuer.config import DevIssuerSettings
+    from services.dev_issuer.main import token_command
+
+    settings = DevIssuerSettings(issuer=issuer) if issuer else DevIssuerSettings()
+    return token_command(user, groups, expires_in, settings)
+
+
+def _kafka(args: argparse.Namespace) -> int:
+    from skillgate.localkafka import LocalKafka
+
+    data_dir = Path(os.environ.get("SKILLGATE_DATA_DIR", "data")).resolve() / "kafka"
+    broker = LocalKafka(data_dir, port=args.port)
+    if args.action == "fetch":
+        from skillgate.localkafka import ensure_jars
+
+        print(ensure_jars())
+        return 0
+    broker.start()
+    print(f"Kafka running on {broker.bootstrap} (data in {data_dir}); Ctrl-C stops it.", flush=True)
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        broker.stop()
+    return 0
+
+
+def _sql(args: argparse.Namespace) -> int:
+    from services.recorder.cli import sql_command
+    from skillgate.config import CommonSettings
+
+    token = args.token or os.environ.get("SKILLGATE_TOKEN") or _mint("cli", ["auditors"], 600)
+    return sql_command(args.query, args.format, CommonSettings().recorder_url, token)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(prog="skillgate", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in (
+        ("ingress", "run the ingress (Anthropic API drop-in)"),
+        ("policy", "run the policy service (faust)"),
+        ("forwarder", "run the forwarder"),
+        ("recorder", "run the recorder (ClickHouse writer + read API)"),
+        ("stub-upstream", "run the Messages-API stub upstream (tests, demos, benchmarks)"),
+        ("dev-issuer", "run the local OIDC issuer (development only)"),
+    ):
+        sub.add_parser(name, help=help_)
+    sub.add_parser("stack", help="run the whole local stack (what `make run` does)")
+    kafka = sub.add_parser("kafka", help="run the local Kafka broker alone")
+    kafka.add_argument("action", choices=["start", "fetch"])
+    kafka.add_argument("--port", type=int, default=9092)
+    token = sub.add_parser("token", help="print a token from the local dev issuer")
+    token.add_argument("--user", required=True)
+    token.add_argument("--groups", default="", help="comma-separated groups")
+    token.add_argument("--expires-in", type=int, default=None, help="seconds")
+    sql = sub.add_parser("sql", help="run a read-only SQL query against the audit store")
+    sql.add_argument("query")
+    sql.add_argument("--format", choices=["table", "json"], default="table")
+    sql.add_argument("--token", default=None, help="auditor token (default: $SKILLGATE_TOKEN or a dev token)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``skillgate`` command."""
+    args = build_parser().parse_args(argv)
+    if args.command == "stack":
+        return _stack(args)
+    if args.command == "kafka":
+        return _kafka(args)
+    if args.command == "token":
+        groups = [g for g in args.groups.split(",") if g]
+        print(_mint(args.user, groups, args.expires_in))
+        return 0
+    if args.command == "sql":
+        return _sql(args)
+    return _run_service(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

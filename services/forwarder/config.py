@@ -1,0 +1,67 @@
+"""Forwarder settings (environment prefix ``SKILLGATE_FORWARDER_``) and named upstream connections."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class UpstreamConfig(BaseModel):
+    """One named upstream connection: where to send calls and with which credential.
+
+    The key comes from ``api_key`` (inline secret), ``api_key_env`` (an environment variable) or
+    ``api_key_file`` (a mounted secret file), in that order. It lives only in the forwarder.
+    """
+
+    base_url: str = Field("https://api.anthropic.com", description="Upstream base URL.")
+    api_key: SecretStr | None = Field(None, description="The API key itself (prefer env or file).")
+    api_key_env: str | None = Field("ANTHROPIC_API_KEY", description="Environment variable holding the key.")
+    api_key_file: Path | None = Field(None, description="File holding the key (e.g. a mounted secret).")
+    auth_header: str = Field("x-api-key", description="Header that carries the key upstream.")
+    max_connections: int = Field(512, description="Pooled connections to this upstream.")
+
+    def key(self) -> SecretStr | None:
+        """Resolve the credential (never logged)."""
+        if self.api_key is not None:
+            return self.api_key
+        if self.api_key_env and os.environ.get(self.api_key_env):
+            return SecretStr(os.environ[self.api_key_env])
+        if self.api_key_file is not None:
+            return SecretStr(self.api_key_file.read_text().strip())
+        return None
+
+
+class ForwarderSettings(BaseSettings):
+    """How the forwarder consumes decisions and calls the upstream."""
+
+    model_config = SettingsConfigDict(env_prefix="SKILLGATE_FORWARDER_", extra="ignore")
+
+    group_id: str = Field("skillgate-forwarder", description="Consumer group of the forwarder replicas.")
+    upstreams: dict[str, UpstreamConfig] = Field(
+        default_factory=lambda: {"default": UpstreamConfig()},
+        description='Named upstream connections as JSON, e.g. {"default": {"base_url": '
+        '"https://api.anthropic.com", "api_key_env": "ANTHROPIC_API_KEY"}}; policy chooses one per call.',
+    )
+    max_in_flight: int = Field(
+        512,
+        description="Calls in flight at once per replica; consumption pauses beyond it (backpressure).",
+    )
+    max_attempts: int = Field(4, ge=1, description="Upstream attempts per call, the first included.")
+    backoff_initial_seconds: float = Field(0.5, description="First retry delay (doubles, with jitter).")
+    backoff_max_seconds: float = Field(
+        30.0,
+        description="Longest wait before a retry; a longer retry-after is relayed to the caller instead.",
+    )
+    connect_timeout_seconds: float = Field(10.0, description="Connect timeout to the upstream.")
+    read_timeout_seconds: float = Field(600.0, description="Read timeout for one upstream response.")
+    claims_window_seconds: float = Field(
+        6 * 3600.0,
+        description="How far back the forwarder remembers claimed calls (redelivered decisions are "
+        "recognised within it; must exceed how long a decision can wait to be redelivered).",
+    )
+    commit_interval_seconds: float = Field(0.2, description="How often finished offsets are committed.")
+    metrics_host: str = Field("127.0.0.1", description="Address of the /metrics endpoint.")
+    metrics_port: int = Field(9102, description="Port of the /metrics endpoint (0 disables it).")

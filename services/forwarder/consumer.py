@@ -1,0 +1,385 @@
+"""The forwarder's consume loop: many calls in flight, offsets committed in order, at most one
+upstream call per call id.
+
+At-most-once across redelivery and restarts: before calling the upstream, the forwarder writes a
+``claimed`` entry for the call to ``forwarder.claims`` (compacted, co-partitioned with
+calls.decided) and waits for the ack; after the terminal event is acked it writes ``done``. When a
+replica is assigned a partition of calls.decided, it first reads the same partition of the claims
+changelog (from ``claims_window_seconds`` ago), so a redelivered decision is recognised: ``done``
+is skipped, ``claimed`` without ``done`` (a crash mid-call) ends as ``failed`` rather than risk a
+second upstream call. Duplicates of one call always share a partition (same session key).
+
+Commits: a partition's offset is committed only up to the oldest message still in flight
+(arroyo-style), so a crash redelivers exactly the unfinished work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
+from prometheus_client import Counter, Gauge
+
+from services.forwarder import handlers
+from services.forwarder.config import ForwarderSettings
+from services.forwarder.upstream import UnknownUpstream, Upstreams
+from skillgate import topics
+from skillgate.codec import AvroCodec, CodecError, default_codec
+from skillgate.config import KafkaSettings
+from skillgate.events import (
+    CALL_COMPLETED,
+    CALL_DECIDED,
+    CALL_FAILED,
+    CALL_REPLY,
+    FORWARDER_CLAIM,
+    CallDecided,
+    CallReply,
+)
+from skillgate.kafka import DeadLetterer, make_consumer, make_producer
+from skillgate.logs import call_context
+from skillgate.metrics import EVENTS_CONSUMED, EVENTS_PRODUCED, STAGE_SECONDS
+
+log = logging.getLogger(__name__)
+
+UPSTREAM_CALLS = Counter(
+    "skillgate_forwarder_upstream_calls_total", "Calls sent upstream", ["upstream", "status"]
+)
+DUPLICATES = Counter(
+    "skillgate_forwarder_duplicates_total", "Redelivered decisions not forwarded again", ["kind"]
+)
+IN_FLIGHT = Gauge("skillgate_forwarder_in_flight", "Calls in flight in this replica")
+
+
+class OffsetTracker:
+    """Per partition: offsets in flight, and the highest offset seen, for in-order commits."""
+
+    def __init__(self) -> None:
+        self._in_flight: dict[TopicPartition, set[int]] = {}
+        self._high: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}
+
+    def start(self, tp: TopicPartition, offset: int) -> None:
+        """Note that ``offset`` is being processed."""
+        self._in_flight.setdefault(tp, set()).add(offset)
+        self._high[tp] = max(self._high.get(tp, -1), offset)
+
+    def finish(self, tp: TopicPartition, offset: int) -> None:
+        """Note that ``offset``'s effect is durable."""
+        self._in_flight.get(tp, set()).discard(offset)
+
+    def in_flight(self, tps: Iterable[TopicPartition] | None = None) -> int:
+        """How many messages are in flight (in ``tps`` or overall)."""
+        keys = self._in_flight.keys() if tps is None else tps
+        return sum(len(self._in_flight.get(tp, ())) for tp in keys)
+
+    def committable(self) -> dict[TopicPartition, int]:
+        """Next offset to commit per partition, where it moved since the last commit."""
+        out: dict[TopicPartition, int] = {}
+        for tp, high in self._high.items():
+            pending = self._in_flight.get(tp)
+            nxt = min(pending) if pending else high + 1
+            if nxt > self._committed.get(tp, -1):
+                out[tp] = nxt
+        return out
+
+    def committed(self, offsets: dict[TopicPartition, int]) -> None:
+        """Record a successful commit."""
+        self._committed.update(offsets)
+
+    def forget(self, tps: Iterable[TopicPartition]) -> None:
+        """Drop state of partitions no longer owned."""
+        for tp in tps:
+            self._in_flight.pop(tp, None)
+            self._high.pop(tp, None)
+            self._committed.pop(tp, None)
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, service: ForwarderService) -> None:
+        self._service = service
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self._service.on_revoked(list(revoked))
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        await self._service.on_assigned(list(assigned))
+
+
+class ForwarderService:
+    """Consumes calls.decided and forwards allowed calls."""
+
+    def __init__(
+        self, settings: ForwarderSettings, kafka: KafkaSettings, upstreams: Upstreams | None = None
+    ) -> None:
+        self.settings = settings
+        self.kafka = kafka
+        self.codec: AvroCodec = default_codec()
+        self.upstreams = upstreams or Upstreams(settings)
+        self.decided_topic = topics.name(kafka, topics.DECIDED)
+        self.claims_topic = topics.name(kafka, topics.FORWARDER_CLAIMS)
+        self.completed_topic = topics.name(kafka, topics.COMPLETED)
+        self.failed_topic = topics.name(kafka, topics.FAILED)
+        self.producer: AIOKafkaProducer = make_producer(kafka)
+        self.consumer: AIOKafkaConsumer = make_consumer(kafka, settings.group_id, fetch_max_wait_ms=50)
+        self.tracker = OffsetTracker()
+        # call id → (state, monotonic time), per partition of calls.decided
+        self.claims: dict[int, dict[str, tuple[str, float]]] = {}
+        self.tasks: dict[TopicPartition, set[asyncio.Task[None]]] = {}
+        self._paused = False
+        self._stopping = asyncio.Event()
+        self.deadletter: DeadLetterer | None = None
+        self.fatal: BaseException | None = None
+        self._loading: dict[int, asyncio.Future[dict[str, tuple[str, float]]]] = {}
+
+    async def start(self) -> None:
+        """Start Kafka clients and join the group."""
+        await self.producer.start()
+        self.deadletter = DeadLetterer(self.producer, self.kafka, "forwarder", self.codec)
+        await self.consumer.start()
+        self.consumer.subscribe([self.decided_topic], listener=_Listener(self))
+
+    async def stop(self) -> None:
+        """Finish in-flight calls (bounded), commit, leave the group, close clients."""
+        self._stopping.set()
+        pending = [t for ts in self.tasks.values() for t in ts]
+        if pending:
+            await asyncio.wait(pending, timeout=self.settings.read_timeout_seconds)
+        await self._commit()
+        await self.consumer.stop()
+        await self.producer.stop()
+        await self.upstreams.close()
+
+    # -- rebalancing -------------------------------------------------------------------------
+
+    async def on_assigned(self, assigned: list[TopicPartition]) -> None:
+        """Load the claims of each new partition before any of its decisions is processed."""
+        loads = [self._claims_of(tp.partition) for tp in assigned]
+        loaded = await asyncio.gather(*loads)
+        log.info(
+            "partitions assigned",
+            extra={"claims_loaded": {tp.partition: len(c) for tp, c in zip(assigned, loaded, strict=True)}},
+        )
+
+    def _claims_of(self, partition: int) -> asyncio.Future[dict[str, tuple[str, float]]]:
+        """The claims of a partition, loaded once per assignment.
+
+        Why a shared future: aiokafka may already fetch (and this service process) records of a
+        newly assigned partition while ``on_partitions_assigned`` is still loading; every
+        decision of the partition awaits the same load, so none is forwarded before the claims
+        of earlier attempts are known.
+        """
+        fut = self._loading.get(partition)
+        if fut is None:
+            fut = self._loading[partition] = asyncio.ensure_future(self._load_into(partition))
+        return fut
+
+    async def _load_into(self, partition: int) -> dict[str, tuple[str, float]]:
+        claims = await self._load_claims(partition)
+        self.claims[partition] = claims
+        return claims
+
+    async def on_revoked(self, revoked: list[TopicPartition]) -> None:
+        """Let in-flight calls of revoked partitions finish, so the next owner sees them ``done``."""
+        pending = [t for tp in revoked for t in self.tasks.get(tp, set())]
+        if pending:
+            await asyncio.wait(pending, timeout=self.settings.read_timeout_seconds)
+        await self._commit()
+        self.tracker.forget(revoked)
+        for tp in revoked:
+            self.claims.pop(tp.partition, None)
+            self._loading.pop(tp.partition, None)
+            self.tasks.pop(tp, None)
+
+    async def _load_claims(self, partition: int) -> dict[str, tuple[str, float]]:
+        reader = make_consumer(self.kafka, None, fetch_max_wait_ms=50)
+        await reader.start()
+        state: dict[str, tuple[str, float]] = {}
+        try:
+            tp = TopicPartition(self.claims_topic, partition)
+            reader.assign([tp])
+            since_ms = int((time.time() - self.settings.claims_window_seconds) * 1000)
+            found = await reader.offsets_for_times({tp: since_ms})
+            start = found.get(tp)
+            if start is not None:
+                reader.seek(tp, start.offset)
+            else:
+                await reader.seek_to_end(tp)
+            end = (await reader.end_offsets([tp]))[tp]
+            now = time.monotonic()
+            while await reader.position(tp) < end:
+                batch = await reader.getmany(tp, timeout_ms=500)
+                for record in batch.get(tp, []):
+                    try:
+                        _, claim = self.codec.decode(record.value, expected=FORWARDER_CLAIM)
+                    except CodecError:
+                        continue
+                    state[claim["call_id"]] = (claim["state"], now)
+        finally:
+            await reader.stop()
+        return state
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Consume until stopped: dispatch each decision as a task, commit finished offsets."""
+        last_commit = time.monotonic()
+        while not self._stopping.is_set():
+            batches = await self.consumer.getmany(timeout_ms=100, max_records=500)
+            for tp, records in batches.items():
+                for record in records:
+                    self.tracker.start(tp, record.offset)
+                    task = asyncio.create_task(self._handle(tp, record))
+                    self.tasks.setdefault(tp, set()).add(task)
+                    task.add_done_callback(self.tasks[tp].discard)
+            self._backpressure()
+            if time.monotonic() - last_commit >= self.settings.commit_interval_seconds:
+                await self._commit()
+                last_commit = time.monotonic()
+            self._prune_claims()
+        if self.fatal is not None:
+            raise RuntimeError("forwarder stopped after an unexpected error") from self.fatal
+
+    def _backpressure(self) -> None:
+        n = self.tracker.in_flight()
+        IN_FLIGHT.set(n)
+        if not self._paused and n >= self.settings.max_in_flight:
+            self.consumer.pause(*self.consumer.assignment())
+            self._paused = True
+        elif self._paused and n < self.settings.max_in_flight // 2:
+            self.consumer.resume(*self.consumer.assignment())
+            self._paused = False
+
+    async def _commit(self) -> None:
+        offsets = {
+            tp: off for tp, off in self.tracker.committable().items() if tp in self.consumer.assignment()
+        }
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit({tp: OffsetAndMetadata(off, "") for tp, off in offsets.items()})
+            self.tracker.committed(offsets)
+        except Exception as exc:  # a rebalance in progress: the next commit catches up
+            log.warning("commit failed", extra={"error": type(exc).__name__})
+
+    def _prune_claims(self) -> None:
+        horizon = time.monotonic() - self.settings.claims_window_seconds
+        for part in self.claims.values():
+            if part and next(iter(part.values()))[1] < horizon:
+                for call_id in [c for c, (_, t) in part.items() if t < horizon]:
+                    del part[call_id]
+
+    async def _handle(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
+        try:
+            await self._process(tp, record)
+        except Exception as exc:
+            # Unexpected (e.g. Kafka refused a write after its retries). The offset stays
+            # uncommitted and the replica stops: a restarted replica gets the decision again and
+            # the claims decide what is safe. Carrying on would stall this partition's commits.
+            log.exception("forwarder failed to process a decision; stopping")
+            self.fatal = exc
+            self._stopping.set()
+            return
+        self.tracker.finish(tp, record.offset)
+        IN_FLIGHT.set(self.tracker.in_flight())
+
+    async def _process(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
+        EVENTS_CONSUMED.labels("forwarder", topics.DECIDED).inc()
+        try:
+            _, value = self.codec.decode(record.value, expected=CALL_DECIDED)
+        except CodecError as exc:
+            assert self.deadletter is not None
+            await self.deadletter.send(record, str(exc))
+            return
+        decided: CallDecided = value  # type: ignore[assignment]
+        if decided["decision"] != "allow":
+            return  # policy already answered the caller and the decision is the record
+        call_id = decided["call_id"]
+        call_context.set((call_id, decided["session_id"]))
+        claims = await self._claims_of(tp.partition)
+        known = claims.get(call_id)
+        if known is not None and known[0] == "done":
+            DUPLICATES.labels("done").inc()
+            log.info("redelivered decision for a finished call: not forwarded again")
+            return
+        if known is not None and known[0] == "claimed":
+            DUPLICATES.labels("interrupted").inc()
+            log.warning("call was in flight during a restart: failing it rather than calling twice")
+            failed, reply = handlers.interrupted_events(decided)
+            await self._finish(tp.partition, decided, failed, reply, "failed")
+            return
+        # Claim synchronously (before any await) so a duplicate in the same batch sees it.
+        claims[call_id] = ("claimed", time.monotonic())
+        await self.producer.send_and_wait(
+            self.claims_topic,
+            self.codec.encode(FORWARDER_CLAIM, handlers.claim_event(decided, "claimed")),
+            key=call_id.encode(),
+            partition=tp.partition,
+        )
+        if decided["body"] is None:
+            failed, reply = handlers.unusable_events(decided, "policy allowed the call without a body")
+            await self._finish(tp.partition, decided, failed, reply, "failed")
+            return
+        try:
+            with STAGE_SECONDS.labels("forwarder", "upstream").time():
+                result = await self.upstreams.call(
+                    decided["upstream"],
+                    decided["method"],
+                    decided["path"],
+                    decided["query"],
+                    decided["headers"],
+                    decided["body"],
+                )
+        except UnknownUpstream:
+            failed, reply = handlers.unusable_events(
+                decided, f"no upstream connection named `{decided['upstream']}` is configured"
+            )
+            await self._finish(tp.partition, decided, failed, reply, "failed")
+            return
+        UPSTREAM_CALLS.labels(decided["upstream"], str(result.status)).inc()
+        # Response masking and tool_use command checks plug in here (policy engine, later).
+        terminal, reply = handlers.outcome_events(decided, result, result.body, result.body)
+        state = "completed" if "latency_ms" in terminal else "failed"
+        await self._finish(tp.partition, decided, terminal, reply, state)
+        log.info("call forwarded", extra={"status": result.status, "attempts": len(result.attempts)})
+
+    async def _finish(
+        self,
+        partition: int,
+        decided: CallDecided,
+        terminal: Any,
+        reply: CallReply | None,
+        state: str,
+    ) -> None:
+        """Publish the answer and the record (acked), then mark the claim done."""
+        key = decided["session_id"].encode()
+        sends = []
+        if reply is not None and decided["reply_to"] is not None:
+            sends.append(
+                await self.producer.send(
+                    decided["reply_to"]["topic"],
+                    self.codec.encode(CALL_REPLY, reply),
+                    key=key,
+                    partition=decided["reply_to"]["partition"],
+                )
+            )
+            EVENTS_PRODUCED.labels("forwarder", topics.REPLIES).inc()
+        topic, name = (
+            (self.completed_topic, CALL_COMPLETED)
+            if state == "completed"
+            else (self.failed_topic, CALL_FAILED)
+        )
+        sends.append(await self.producer.send(topic, self.codec.encode(name, terminal), key=key))
+        EVENTS_PRODUCED.labels("forwarder", topic.removeprefix(self.kafka.topic_prefix)).inc()
+        await asyncio.gather(*sends)
+        self.claims.setdefault(partition, {})[decided["call_id"]] = ("done", time.monotonic())
+        await self.producer.send_and_wait(
+            self.claims_topic,
+            self.codec.encode(FORWARDER_CLAIM, handlers.claim_event(decided, "done", state)),
+            key=decided["call_id"].encode(),
+            partition=partition,
+        )

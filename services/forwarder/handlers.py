@@ -1,0 +1,177 @@
+"""Building the forwarder's events from an upstream result. Pure functions, unit-tested."""
+
+from __future__ import annotations
+
+import orjson
+
+from services.forwarder.upstream import RETRYABLE_STATUS, UpstreamResult
+from skillgate import events
+from skillgate.errors import error_type_for
+from skillgate.events import CallCompleted, CallDecided, CallFailed, CallReply, Envelope, ForwarderClaim
+
+
+def _env(decided: CallDecided, kind: str) -> Envelope:
+    return events.envelope(
+        decided["call_id"],
+        decided["session_id"],
+        decided["identity"],
+        decided["bundle_version"],
+        event_id=events.derived_event_id(decided["call_id"], kind),
+    )
+
+
+def claim_event(decided: CallDecided, state: str, terminal_state: str | None = None) -> ForwarderClaim:
+    """The claims-changelog entry for a call (``claimed`` before calling, ``done`` after)."""
+    return ForwarderClaim(**_env(decided, f"claim-{state}"), state=state, terminal_state=terminal_state)
+
+
+def _usage(body: bytes) -> tuple[str, str | None, int | None, int | None]:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return "", None, None, None
+    if not isinstance(doc, dict):
+        return "", None, None, None
+    usage = doc.get("usage") if isinstance(doc.get("usage"), dict) else {}
+    assert isinstance(usage, dict)
+
+    def num(key: str) -> int | None:
+        v = usage.get(key)
+        return int(v) if isinstance(v, int) and not isinstance(v, bool) else None
+
+    stop = doc.get("stop_reason")
+    return (
+        str(doc.get("model") or ""),
+        stop if isinstance(stop, str) else None,
+        num("input_tokens"),
+        num("output_tokens"),
+    )
+
+
+def outcome_events(
+    decided: CallDecided, result: UpstreamResult, caller_body: bytes, record_body: bytes
+) -> tuple[CallCompleted | CallFailed, CallReply | None]:
+    """The terminal event for the record and the reply for a waiting caller.
+
+    ``completed`` when the upstream gave a final answer (any status it chose, relayed as is);
+    ``failed`` when there was no usable answer: unreachable, no response, or retries exhausted on
+    a retryable status (that last upstream error is relayed to the caller).
+    """
+    if result.status == 0:
+        # No answer at all: skillgate's own error for the caller, nothing upstream to record.
+        message = f"skillgate could not get an answer from upstream `{decided['upstream']}`: {result.error}"
+        failed = events.failed_event(
+            decided,
+            decided["bundle_version"],
+            stage="forwarder",
+            status=502,
+            error_type="api_error",
+            message=message,
+            upstream=decided["upstream"],
+            submitted_at=decided["submitted_at"],
+            attempts=result.attempts,
+        )
+        error = None
+        if decided["reply_to"] is not None:
+            error = events.error_reply(
+                decided,
+                decided["bundle_version"],
+                status=502,
+                message=message,
+                error_type="api_error",
+                terminal_state="failed",
+            )
+        return failed, error
+    terminal: CallCompleted | CallFailed
+    if result.status in RETRYABLE_STATUS:
+        # Retries exhausted: the upstream's last error is relayed to the caller as it came.
+        terminal = events.failed_event(
+            decided,
+            decided["bundle_version"],
+            stage="forwarder",
+            status=result.status,
+            error_type=error_type_for(result.status),
+            message=f"upstream answered {result.status} after {len(result.attempts)} attempt(s)",
+            upstream=decided["upstream"],
+            submitted_at=decided["submitted_at"],
+            attempts=result.attempts,
+            headers=result.headers,
+            body=record_body,
+        )
+        state = "failed"
+    else:
+        model, stop, tin, tout = _usage(record_body)
+        terminal = CallCompleted(
+            **_env(decided, "completed"),
+            upstream=decided["upstream"],
+            status=result.status,
+            headers=result.headers,
+            body=record_body,
+            attempts=result.attempts,
+            latency_ms=result.latency_ms,
+            request_id=result.headers.get("request-id"),
+            model=model or decided["model"],
+            stop_reason=stop,
+            input_tokens=tin,
+            output_tokens=tout,
+            masked=[],
+            stream=False,
+            submitted_at=decided["submitted_at"],
+        )
+        state = "completed"
+    reply: CallReply | None = None
+    if decided["reply_to"] is not None:
+        reply = CallReply(
+            **_env(decided, "reply"),
+            kind="response",
+            seq=0,
+            status=result.status,
+            headers=result.headers,
+            body=caller_body,
+            terminal_state=state,
+        )
+    return terminal, reply
+
+
+def interrupted_events(decided: CallDecided) -> tuple[CallFailed, CallReply | None]:
+    """Outcome of a call found claimed but unfinished after a restart.
+
+    Its upstream outcome is unknown, and calling again could make a second upstream call, so it
+    ends as ``failed`` with a clear explanation instead.
+    """
+    message = (
+        "the forwarder restarted while this call was in flight; its upstream outcome is unknown "
+        "and it was not retried (skillgate makes at most one upstream call per call)"
+    )
+    return _failed(decided, 502, "api_error", message)
+
+
+def unusable_events(decided: CallDecided, message: str) -> tuple[CallFailed, CallReply | None]:
+    """Outcome of a call the forwarder refuses before any upstream call (e.g. unknown upstream)."""
+    return _failed(decided, 503, "api_error", message)
+
+
+def _failed(
+    decided: CallDecided, status: int, etype: str, message: str
+) -> tuple[CallFailed, CallReply | None]:
+    failed = events.failed_event(
+        decided,
+        decided["bundle_version"],
+        stage="forwarder",
+        status=status,
+        error_type=etype,
+        message=message,
+        upstream=decided["upstream"],
+        submitted_at=decided["submitted_at"],
+    )
+    reply = None
+    if decided["reply_to"] is not None:
+        reply = events.error_reply(
+            decided,
+            decided["bundle_version"],
+            status=status,
+            message=message,
+            error_type=etype,
+            terminal_state="failed",
+        )
+    return failed, reply

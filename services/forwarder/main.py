@@ -1,0 +1,60 @@
+"""``skillgate forwarder``: run the forwarder until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from services.forwarder.config import ForwarderSettings
+from services.forwarder.consumer import ForwarderService
+from skillgate import topics
+from skillgate.config import CommonSettings, KafkaSettings
+from skillgate.logs import setup
+from skillgate.metrics import serve
+
+log = logging.getLogger(__name__)
+
+
+async def serve_forever(settings: ForwarderSettings, kafka: KafkaSettings) -> None:
+    """Run the forwarder in this event loop until a stop signal."""
+    if kafka.create_topics:
+        await topics.ensure_topics(kafka)
+    service = ForwarderService(settings, kafka)
+    for name in service.upstreams.names():
+        log.info(
+            "upstream configured",
+            extra={
+                "upstream": name,
+                "base_url": settings.upstreams[name].base_url,
+                "credential": "present" if service.upstreams.has_key(name) else "missing",
+            },
+        )
+    await service.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    runner = asyncio.create_task(service.run())
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if runner in done:
+        runner.result()  # surface a crash
+    log.info("forwarder stopping")
+    runner.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runner
+    await service.stop()
+
+
+def run(settings: ForwarderSettings | None = None, kafka: KafkaSettings | None = None) -> None:
+    """Entry point of ``skillgate forwarder``."""
+    setup("forwarder", CommonSettings().log_level)
+    settings = settings or ForwarderSettings()
+    if settings.metrics_port:
+        serve(settings.metrics_port, settings.metrics_host)
+    import uvloop
+
+    uvloop.run(serve_forever(settings, kafka or KafkaSettings()))

@@ -1,0 +1,214 @@
+"""Calling the upstream Messages API: pooled connections, timeouts, retries with backoff.
+
+Retries: on 408/409/429/5xx/529 (the upstream did not process the request) and on connection
+failures before the request was sent, honouring ``retry-after``/``retry-after-ms`` and capped at
+``max_attempts``. Not on read timeouts or resets after sending: the upstream may have processed
+the call, and a second attempt would break "at most one upstream call per call".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import httpx
+from pydantic import SecretStr
+
+from services.forwarder.config import ForwarderSettings, UpstreamConfig
+from skillgate.events import UpstreamAttempt, now_micros
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+# Response headers worth relaying to the caller (others describe the upstream hop).
+RELAY_HEADERS = ("content-type", "request-id", "retry-after", "retry-after-ms", "x-should-retry")
+
+
+class UnknownUpstream(LookupError):
+    """Policy chose an upstream connection this forwarder does not have."""
+
+
+@dataclass
+class UpstreamResult:
+    """The final outcome of all attempts for one call."""
+
+    status: int  # 0 when no response at all
+    headers: dict[str, str]
+    body: bytes
+    attempts: list[UpstreamAttempt] = field(default_factory=list)
+    error: str | None = None
+    latency_ms: float = 0.0
+
+
+def relay_headers(headers: httpx.Headers) -> dict[str, str]:
+    """The upstream response headers the caller should see."""
+    out = {k: headers[k] for k in RELAY_HEADERS if k in headers}
+    for k, v in headers.items():
+        if k.startswith("anthropic-"):
+            out[k] = v
+    return out
+
+
+def retry_after_seconds(headers: httpx.Headers) -> float | None:
+    """The upstream's retry advice, if any (``retry-after-ms`` wins)."""
+    try:
+        if "retry-after-ms" in headers:
+            return float(headers["retry-after-ms"]) / 1000.0
+        if "retry-after" in headers:
+            return float(headers["retry-after"])
+    except ValueError:
+        return None
+    return None
+
+
+class Upstreams:
+    """One pooled HTTP client per named upstream; keys are resolved once and kept here only."""
+
+    def __init__(
+        self, settings: ForwarderSettings, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self._settings = settings
+        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._configs: dict[str, UpstreamConfig] = dict(settings.upstreams)
+        self._keys: dict[str, SecretStr | None] = {}
+        for name, cfg in self._configs.items():
+            self._keys[name] = cfg.key()
+            self._clients[name] = httpx.AsyncClient(
+                base_url=cfg.base_url,
+                timeout=httpx.Timeout(
+                    settings.read_timeout_seconds, connect=settings.connect_timeout_seconds
+                ),
+                limits=httpx.Limits(
+                    max_connections=cfg.max_connections,
+                    max_keepalive_connections=cfg.max_connections,
+                ),
+                transport=transport,
+            )
+
+    def names(self) -> list[str]:
+        """Configured upstream names."""
+        return sorted(self._configs)
+
+    def has_key(self, name: str) -> bool:
+        """Whether a credential is configured for ``name`` (never the credential itself)."""
+        return self._keys.get(name) is not None
+
+    async def close(self) -> None:
+        """Close every pooled client."""
+        await asyncio.gather(*(c.aclose() for c in self._clients.values()))
+
+    async def call(
+        self, name: str, method: str, path: str, query: str, headers: dict[str, str], body: bytes
+    ) -> UpstreamResult:
+        """Send one call upstream, retrying as described in the module docstring."""
+        client = self._clients.get(name)
+        if client is None:
+            raise UnknownUpstream(name)
+        cfg = self._configs[name]
+        send_headers = dict(headers)
+        key = self._keys[name]
+        if key is not None:
+            value = key.get_secret_value()
+            send_headers[cfg.auth_header] = (
+                f"Bearer {value}" if cfg.auth_header.lower() == "authorization" else value
+            )
+        url = path + (f"?{query}" if query else "")
+        s = self._settings
+        attempts: list[UpstreamAttempt] = []
+        started = time.perf_counter()
+        delay = s.backoff_initial_seconds
+        while True:
+            number = len(attempts) + 1
+            t0 = time.perf_counter()
+            at = now_micros()
+            try:
+                resp = await client.request(method, url, headers=send_headers, content=body)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                # Never reached the upstream: safe to retry.
+                attempts.append(_attempt(number, at, t0, 0, type(exc).__name__, None, None))
+                if number >= s.max_attempts:
+                    return UpstreamResult(
+                        0,
+                        {},
+                        b"",
+                        attempts,
+                        f"upstream unreachable: {type(exc).__name__}",
+                        _ms(started),
+                    )
+                await asyncio.sleep(_jitter(delay))
+                delay = min(delay * 2, s.backoff_max_seconds)
+                continue
+            except httpx.HTTPError as exc:
+                # Sent, but no complete answer: the upstream may have processed it; no retry.
+                attempts.append(_attempt(number, at, t0, 0, type(exc).__name__, None, None))
+                return UpstreamResult(
+                    0,
+                    {},
+                    b"",
+                    attempts,
+                    f"upstream did not answer: {type(exc).__name__}",
+                    _ms(started),
+                )
+            advice = retry_after_seconds(resp.headers)
+            attempts.append(
+                _attempt(
+                    number,
+                    at,
+                    t0,
+                    resp.status_code,
+                    None,
+                    advice * 1000 if advice is not None else None,
+                    resp.headers.get("request-id"),
+                )
+            )
+            retry = (
+                resp.status_code in RETRYABLE_STATUS
+                and resp.headers.get("x-should-retry", "true") != "false"
+                and number < s.max_attempts
+            )
+            if retry:
+                wait = advice if advice is not None else _jitter(delay)
+                if wait <= s.backoff_max_seconds:
+                    log.info("retrying upstream", extra={"status": resp.status_code, "wait_s": wait})
+                    await asyncio.sleep(wait)
+                    delay = min(delay * 2, s.backoff_max_seconds)
+                    continue
+            return UpstreamResult(
+                resp.status_code,
+                relay_headers(resp.headers),
+                resp.content,
+                attempts,
+                None,
+                _ms(started),
+            )
+
+
+def _ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0
+
+
+def _jitter(delay: float) -> float:
+    return delay * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not security
+
+
+def _attempt(
+    number: int,
+    at: int,
+    t0: float,
+    status: int,
+    error: str | None,
+    retry_after_ms: float | None,
+    request_id: str | None,
+) -> UpstreamAttempt:
+    return UpstreamAttempt(
+        number=number,
+        started_at=at,
+        duration_ms=(time.perf_counter() - t0) * 1000.0,
+        status=status,
+        error=error,
+        retry_after_ms=retry_after_ms,
+        request_id=request_id,
+    )

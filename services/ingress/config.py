@@ -1,0 +1,48 @@
+"""Ingress settings (environment prefix ``SKILLGATE_INGRESS_``)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_instance() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class IngressSettings(BaseSettings):
+    """How the ingress listens and how long it lets callers wait."""
+
+    model_config = SettingsConfigDict(env_prefix="SKILLGATE_INGRESS_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8080, description="Port to listen on.")
+    workers: int = Field(
+        1,
+        ge=1,
+        description="Worker processes (each is a full replica with its own reply partitions).",
+    )
+    instance_id: str = Field(
+        default_factory=_default_instance,
+        description="Id of this replica, written into each call (for diagnostics).",
+    )
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024,
+        description="Largest request body accepted (the Messages API allows 32 MB).",
+    )
+    sync_timeout_seconds: float = Field(
+        600.0,
+        description="How long a synchronous caller is held before 504 with the call id to poll.",
+    )
+    replies_group: str = Field(
+        "skillgate-ingress-replies",
+        description="Consumer group through which ingress replicas share the partitions of calls.replies.",
+    )
+    public_url: str | None = Field(
+        None,
+        description="URL callers use to reach the ingress (for links in errors); default from the request.",
+    )

@@ -1,0 +1,152 @@
+"""Routing answers to the ingress replica whose caller is waiting.
+
+How it works: the replies topic has many partitions; ingress replicas share them through a Kafka
+consumer group, so each partition is read by exactly one replica. When a replica accepts a sync
+call it writes one of *its own* partitions into the event (``reply_to``); the forwarder (or the
+policy, for denials) produces the answer to exactly that partition. So each replica reads only
+the replies meant for it, however many replicas run, and streamed chunks (ordered within one
+partition) follow the same path.
+
+When the group rebalances (a replica joins or leaves), a partition may move away while a caller
+waits on it. Those waiters are told (:meth:`Waiter.orphaned`) and fall back to polling the call's
+recorded state, so the answer is still delivered, only later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka.structs import TopicPartition
+
+from skillgate import topics
+from skillgate.codec import CodecError, default_codec
+from skillgate.config import KafkaSettings
+from skillgate.events import CALL_REPLY, CallReply, ReplyTo
+from skillgate.kafka import make_consumer
+
+log = logging.getLogger(__name__)
+
+
+class Waiter:
+    """Replies for one call: a queue (several chunks when streaming) and an orphan flag."""
+
+    __slots__ = ("call_id", "orphaned", "partition", "queue")
+
+    def __init__(self, call_id: str, partition: int) -> None:
+        self.call_id = call_id
+        self.partition = partition
+        self.queue: asyncio.Queue[CallReply] = asyncio.Queue()
+        self.orphaned = asyncio.Event()
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, router: ReplyRouter) -> None:
+        self._router = router
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        self._router._revoke({tp.partition for tp in revoked})
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self._router._assign({tp.partition for tp in assigned})
+
+
+class ReplyRouter:
+    """Owns this replica's share of the replies topic and dispatches answers to waiters."""
+
+    def __init__(self, settings: KafkaSettings, group_id: str, instance_id: str) -> None:
+        self._settings = settings
+        self._topic = topics.name(settings, topics.REPLIES)
+        self._group = group_id
+        self._instance = instance_id
+        self._codec = default_codec()
+        self._owned: list[int] = []
+        self._cycle: itertools.cycle[int] | None = None
+        self._waiters: dict[str, Waiter] = {}
+        self._assigned = asyncio.Event()
+        self._consumer: AIOKafkaConsumer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.unclaimed = 0
+
+    def _assign(self, partitions: set[int]) -> None:
+        self._owned = sorted(set(self._owned) | partitions)
+        self._cycle = itertools.cycle(self._owned) if self._owned else None
+        if self._owned:
+            self._assigned.set()
+        log.info("reply partitions assigned", extra={"partitions": self._owned})
+
+    def _revoke(self, partitions: set[int]) -> None:
+        self._owned = [p for p in self._owned if p not in partitions]
+        self._cycle = itertools.cycle(self._owned) if self._owned else None
+        if not self._owned:
+            self._assigned.clear()
+        for waiter in self._waiters.values():
+            if waiter.partition in partitions:
+                waiter.orphaned.set()
+
+    async def start(self, wait_seconds: float = 60.0) -> None:
+        """Join the group and wait until this replica owns at least one reply partition."""
+        self._consumer = make_consumer(
+            self._settings,
+            self._group,
+            auto_offset_reset="latest",
+            fetch_max_wait_ms=50,
+        )
+        await self._consumer.start()
+        self._consumer.subscribe([self._topic], listener=_Listener(self))
+        self._task = asyncio.create_task(self._run(), name="reply-router")
+        await asyncio.wait_for(self._assigned.wait(), wait_seconds)
+
+    async def stop(self) -> None:
+        """Leave the group (its partitions move to the other replicas at once)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
+
+    @property
+    def ready(self) -> bool:
+        """True while this replica owns reply partitions (and so can take sync calls)."""
+        return bool(self._owned)
+
+    def register(self, call_id: str) -> tuple[Waiter, ReplyTo]:
+        """Register a waiter before publishing the call, so even an instant answer is caught."""
+        if self._cycle is None:
+            raise RuntimeError("no reply partition owned")
+        partition = next(self._cycle)
+        waiter = Waiter(call_id, partition)
+        self._waiters[call_id] = waiter
+        return waiter, ReplyTo(topic=self._topic, partition=partition, instance=self._instance)
+
+    def unregister(self, call_id: str) -> None:
+        """Forget a waiter (answered, timed out or disconnected)."""
+        self._waiters.pop(call_id, None)
+
+    async def _run(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=1000, max_records=1000)
+            for records in batches.values():
+                for record in records:
+                    self._dispatch(record.value)
+
+    def _dispatch(self, value: Any) -> None:
+        try:
+            _, reply = self._codec.decode(value, expected=CALL_REPLY)
+        except CodecError as exc:
+            log.warning("unreadable reply skipped", extra={"error": str(exc)})
+            return
+        waiter = self._waiters.get(reply["call_id"])
+        if waiter is None:
+            # The caller gave up or this partition changed hands; the call's outcome is
+            # recorded anyway (calls.completed / calls.failed).
+            self.unclaimed += 1
+            return
+        waiter.queue.put_nowait(reply)  # type: ignore[arg-type]

@@ -1,0 +1,120 @@
+"""The recorder process: the audit store, the Kafka consumer and the read API on one event loop.
+
+Start: open the store and apply migrations (before anything is consumed, so inserts always meet
+the current schema), create missing topics, join the consumer group, serve the API.
+Stop (SIGTERM/SIGINT, or the ``stop`` event): the consumer finishes and commits its current
+batch, the API stops accepting, then the Kafka clients and the store are closed, which with chDB
+releases the engine path for the next process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Generator
+
+import uvicorn
+
+from services.recorder.api import create_app
+from services.recorder.config import ClickHouseSettings, RecorderSettings
+from services.recorder.consumer import RecorderConsumer
+from services.recorder.store import AuditStore
+from skillgate import topics
+from skillgate.config import CommonSettings, KafkaSettings, OIDCSettings, RoleSettings
+from skillgate.oidc import TokenVerifier
+
+log = logging.getLogger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: :func:`serve` owns the shutdown order.
+
+    uvicorn's handlers would stop the API and then re-raise the signal, killing the process
+    before the consumer has committed its batch.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        """Leave signals to :func:`serve`."""
+        yield
+
+
+async def serve(
+    settings: RecorderSettings | None = None,
+    clickhouse: ClickHouseSettings | None = None,
+    kafka: KafkaSettings | None = None,
+    oidc: OIDCSettings | None = None,
+    roles: RoleSettings | None = None,
+    common: CommonSettings | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run the recorder until SIGTERM/SIGINT or until ``stop`` is set.
+
+    Settings default to the environment. Raises if the consumer or the API fails, after
+    shutting the rest down, so a supervisor sees the failure and restarts the process.
+    """
+    settings = settings or RecorderSettings()
+    clickhouse = clickhouse or ClickHouseSettings()
+    kafka = kafka or KafkaSettings()
+    oidc = oidc or OIDCSettings()
+    common = common or CommonSettings()
+    stop = stop or asyncio.Event()
+
+    store = await asyncio.to_thread(AuditStore, clickhouse, common.data_dir)
+    verifier: TokenVerifier | None = None
+    consumer: RecorderConsumer | None = None
+    loop = asyncio.get_running_loop()
+    handled: list[signal.Signals] = []
+    try:
+        applied = await asyncio.to_thread(store.migrate)
+        log.info(
+            "audit store ready",
+            extra={"store": store.display_url, "database": store.database, "migrated": applied},
+        )
+        if kafka.create_topics:
+            await topics.ensure_topics(kafka)
+        verifier = TokenVerifier(oidc)
+        consumer = RecorderConsumer(store, kafka, settings)
+        await consumer.start()
+        server = _Server(
+            uvicorn.Config(
+                create_app(store, verifier, settings, roles),
+                host=settings.host,
+                port=settings.port,
+                http="httptools",
+                lifespan="off",
+                access_log=False,
+                log_config=None,
+            )
+        )
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, stop.set)  # main thread of a Unix process only
+                handled.append(sig)
+
+        consuming = asyncio.create_task(consumer.run(), name="recorder-consumer")
+        serving = asyncio.create_task(server.serve(), name="recorder-api")
+        stopping = asyncio.create_task(stop.wait(), name="recorder-stop")
+        await asyncio.wait({consuming, serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        log.info("recorder stopping")
+        # Whatever ended first, stop the rest: the consumer finishes and commits its batch.
+        consumer.request_stop()
+        server.should_exit = True
+        stopping.cancel()
+        results = await asyncio.gather(consuming, serving, return_exceptions=True)
+        for task, result in zip((consuming, serving), results, strict=True):
+            if isinstance(result, BaseException):
+                raise RuntimeError(f"{task.get_name()} failed") from result
+        if not stop.is_set():
+            raise RuntimeError("the recorder stopped unexpectedly (consumer or API ended)")
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+        if consumer is not None:
+            await consumer.close()
+        if verifier is not None:
+            await verifier.close()
+        await asyncio.to_thread(store.close)
+        log.info("recorder stopped")

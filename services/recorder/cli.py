@@ -1,0 +1,101 @@
+"""``skillgate sql``: run a read-only query through the recorder's read API and print it.
+
+The CLI never opens the store itself: with chDB only the recorder process may, and with a
+ClickHouse server the API applies the same guard and limits for everyone.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import httpx
+import orjson
+
+MAX_CELL_CHARS = 60
+#: Generous next to the server-side execution limit: the answer also has to travel.
+TIMEOUT_SECONDS = 120.0
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    text = value if isinstance(value, str) else orjson.dumps(value).decode()
+    text = text.replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
+    if len(text) > MAX_CELL_CHARS:
+        return text[: MAX_CELL_CHARS - 1] + "…"
+    return text
+
+
+def render_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Rows as an aligned text table (long cells cut, newlines shown as ``\\n``)."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [len(c) for c in columns]
+    for row in cells:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    header = " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
+    rule = "-+-".join("-" * w for w in widths)
+    body = [" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join([header, rule, *body])
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        doc = response.json()
+        return str(doc["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:500] or response.reason_phrase
+
+
+def sql_command(
+    query: str,
+    fmt: str,
+    recorder_url: str,
+    token: str,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """POST ``query`` to ``<recorder_url>/v1/audit/sql`` and print the result.
+
+    ``fmt`` is ``table`` (aligned text, the default) or ``json`` (one JSON object per row).
+    Returns 0 on success, 1 when the recorder refused the query, 2 when it is unreachable.
+    """
+    out = out or sys.stdout
+    err = err or sys.stderr
+    url = recorder_url.rstrip("/") + "/v1/audit/sql"
+    try:
+        response = httpx.post(
+            url,
+            json={"query": query, "format": "json"},
+            headers={"authorization": f"Bearer {token}"},
+            timeout=TIMEOUT_SECONDS,
+        )
+    except httpx.ConnectError:
+        print(
+            f"error: the recorder is not reachable at {recorder_url}. Is it running? "
+            "(`skillgate recorder`, or `skillgate stack` for everything; the address is "
+            "SKILLGATE_RECORDER_URL)",
+            file=err,
+        )
+        return 2
+    except httpx.HTTPError as exc:
+        print(f"error: no answer from the recorder at {recorder_url}: {exc}", file=err)
+        return 2
+    if response.status_code != 200:
+        print(f"error ({response.status_code}): {_error_message(response)}", file=err)
+        return 1
+    doc = response.json()
+    columns: list[str] = list(doc.get("columns") or [])
+    rows: list[list[Any]] = list(doc.get("rows") or [])
+    if fmt == "json":
+        for row in rows:
+            print(orjson.dumps(dict(zip(columns, row, strict=False))).decode(), file=out)
+    else:
+        print(render_table(columns, rows), file=out)
+        plural = "" if len(rows) == 1 else "s"
+        print(f"({len(rows)} row{plural}, {doc.get('elapsed_ms', 0)} ms)", file=out)
+    if doc.get("truncated"):
+        print(f"note: the result was cut at {len(rows)} rows (add a LIMIT)", file=err)
+    return 0

@@ -1,0 +1,355 @@
+"""The recorder's batching loop: every skillgate topic → ClickHouse, then commit.
+
+The model is Sentry's arroyo/snuba consumers: accumulate messages until ``batch_max_events`` or
+``batch_max_seconds`` after the first one, insert the batch in one statement per table, and only
+then commit the offsets (DESIGN.md invariant 5: nothing acknowledged is lost). Inserts are
+idempotent on the event id, so the at-least-once redelivery that follows a crash between insert
+and commit never duplicates a record.
+
+* A value that is not a skillgate event (``CodecError``), or one the recorder cannot turn into
+  rows, goes to the dead-letter topic with the reason; the offset is committed past it, so it
+  never blocks its partition (invariant 7). The dead-letter event then comes back through the
+  ``deadletter`` topic and is recorded like any other event (without the raw value).
+* When ClickHouse is unavailable the batch is retried with exponential backoff and nothing is
+  committed. Consumption is paused meanwhile, but ``getmany`` keeps being called so the group
+  does not evict this member for exceeding ``max_poll_interval_ms``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from typing import Any, TypeAlias, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord, TopicPartition
+from clickhouse_connect.driver.exceptions import DataError
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.recorder.config import RecorderSettings
+from services.recorder.handlers import SourceRecord
+from services.recorder.store import AuditStore, InsertStats
+from skillgate import events, topics
+from skillgate.codec import AvroCodec, CodecError, default_codec
+from skillgate.config import KafkaSettings
+from skillgate.kafka import DeadLetterer, make_consumer, make_producer
+from skillgate.metrics import DEAD_LETTERS, EVENTS_CONSUMED, LATENCY_BUCKETS
+
+log = logging.getLogger(__name__)
+
+SERVICE = "recorder"
+T = TypeVar("T")
+#: A consumed Kafka message (aiokafka ships no type information, so this is Any to mypy).
+Message: TypeAlias = ConsumerRecord
+
+EVENTS_INSERTED = Counter(
+    "skillgate_recorder_events_inserted_total",
+    "Events stored in the audit store (redelivered duplicates excluded)",
+    ["topic"],
+)
+DUPLICATES = Counter(
+    "skillgate_recorder_duplicates_total", "Redelivered events skipped because already stored"
+)
+BATCH_SIZE = Histogram(
+    "skillgate_recorder_batch_size",
+    "Messages per insert batch",
+    buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000),
+)
+INSERT_SECONDS = Histogram(
+    "skillgate_recorder_insert_seconds",
+    "Time to insert one batch into ClickHouse (successful attempts)",
+    buckets=LATENCY_BUCKETS,
+)
+INSERT_FAILURES = Counter("skillgate_recorder_insert_failures_total", "Failed insert attempts (retried)")
+RECORD_LAG = Histogram(
+    "skillgate_recorder_record_lag_seconds",
+    "Seconds from an event's time to its insert into the audit store",
+    buckets=LATENCY_BUCKETS,
+)
+LAST_LAG = Gauge(
+    "skillgate_recorder_last_record_lag_seconds",
+    "Record lag of the newest event of the last inserted batch",
+)
+
+#: Idle wait of one poll: how quickly a stop request is noticed when nothing arrives.
+IDLE_POLL_SECONDS = 0.5
+#: Insert attempts still made once a stop is requested, before giving up without committing.
+STOP_ATTEMPTS = 3
+#: Errors that say the batch's data (not the store) is the problem: the batch is split to find
+#: the offending events instead of being retried forever.
+DATA_ERRORS = (TypeError, ValueError, OverflowError, DataError)
+
+
+class StopRequested(Exception):
+    """Raised out of a retry loop when the recorder stops before ClickHouse came back."""
+
+
+class RecorderConsumer:
+    """Consumes every skillgate topic and writes it to the audit store."""
+
+    def __init__(
+        self,
+        store: AuditStore,
+        kafka: KafkaSettings,
+        settings: RecorderSettings,
+        codec: AvroCodec | None = None,
+    ) -> None:
+        self._store = store
+        self._kafka = kafka
+        self._settings = settings
+        self._codec = codec or default_codec()
+        self._suffix = {topics.name(kafka, s): s for s in topics.EVENT_OF_TOPIC}
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._deadletterer: DeadLetterer | None = None
+        self._stopping = asyncio.Event()
+        # Messages a poll returned while a retry had everything paused: never dropped, they
+        # open the next batch.
+        self._carry: list[Message] = []
+        #: Messages this instance has committed past (for tests and logs).
+        self.committed_messages = 0
+
+    async def start(self) -> None:
+        """Connect to Kafka and join the group (subscribed to every topic of the prefix)."""
+        self._producer = make_producer(self._kafka)
+        await self._producer.start()
+        self._deadletterer = DeadLetterer(self._producer, self._kafka, SERVICE, self._codec)
+        self._consumer = make_consumer(self._kafka, self._settings.group_id, *sorted(self._suffix))
+        try:
+            await self._consumer.start()
+        except BaseException:
+            await self._producer.stop()
+            raise
+
+    @property
+    def paused_partitions(self) -> int:
+        """Partitions paused while a write is being retried (0 in normal operation)."""
+        return len(self._consumer.paused()) if self._consumer is not None else 0
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to finish the current batch, commit it and return."""
+        self._stopping.set()
+
+    async def close(self) -> None:
+        """Leave the group and close the Kafka clients (after :meth:`run` returned)."""
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+
+    async def run(self) -> None:
+        """Batch, insert and commit until :meth:`request_stop`."""
+        while not self._stopping.is_set():
+            batch = await self._collect()
+            if batch:
+                try:
+                    await self._process(batch)
+                except StopRequested:
+                    log.error(
+                        "stopping with an uncommitted batch: the audit store is unavailable; "
+                        "the batch will be consumed again on restart",
+                        extra={"messages": len(batch)},
+                    )
+                    return
+
+    # -- batching -----------------------------------------------------------------------------
+
+    @property
+    def _kafka_consumer(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            raise RuntimeError("RecorderConsumer.start() was not called")
+        return self._consumer
+
+    async def _collect(self) -> list[Message]:
+        """Messages until the batch is full, or ``batch_max_seconds`` after the first one."""
+        consumer = self._kafka_consumer
+        batch: list[Message] = self._carry
+        self._carry = []
+        deadline: float | None = time.monotonic() + self._settings.batch_max_seconds if batch else None
+        limit = self._settings.batch_max_events
+        while True:
+            wait = IDLE_POLL_SECONDS if deadline is None else deadline - time.monotonic()
+            fetched = await consumer.getmany(
+                timeout_ms=max(0, int(wait * 1000)), max_records=limit - len(batch)
+            )
+            for messages in fetched.values():
+                batch.extend(messages)
+            now = time.monotonic()
+            if batch and deadline is None:
+                deadline = now + self._settings.batch_max_seconds
+            if len(batch) >= limit or (deadline is not None and now >= deadline) or self._stopping.is_set():
+                return batch
+            if not batch:
+                return batch  # idle: let run() check for a stop request
+
+    async def _process(self, batch: list[Message]) -> None:
+        """Decode, insert, dead-letter what cannot be stored, then commit."""
+        # Decoding a few thousand values takes milliseconds: done in the worker thread, like
+        # the insert, so the read API sharing this event loop stays responsive.
+        records, dead = await asyncio.to_thread(self._decode, batch)
+        BATCH_SIZE.observe(len(batch))
+        if records:
+            stats = await self._retrying(partial(self._insert, records))
+            for record, reason in stats.rejected:
+                dead.append((record.origin, f"recorder could not store the event: {reason}"))
+            self._observe(stats, records)
+        for message, reason in dead:
+            try:
+                await self._retrying(partial(self._dead_letter, message, reason))
+            except DATA_ERRORS:
+                # The dead letter itself cannot be encoded: say so loudly and move on rather
+                # than block the partition forever.
+                log.exception(
+                    "could not dead-letter a message; skipping it",
+                    extra={
+                        "topic": message.topic,
+                        "partition": message.partition,
+                        "offset": message.offset,
+                        "reason": reason[:500],
+                    },
+                )
+        await self._commit(batch)
+
+    def _decode(self, batch: Sequence[Message]) -> tuple[list[SourceRecord], list[tuple[Message, str]]]:
+        """Decoded events, and the messages that are not skillgate events (with the reason)."""
+        records: list[SourceRecord] = []
+        dead: list[tuple[Message, str]] = []
+        consumed: dict[str, int] = {}
+        for message in batch:
+            suffix = self._suffix.get(message.topic, "")
+            consumed[suffix] = consumed.get(suffix, 0) + 1
+            if message.value is None:
+                continue  # a tombstone on a compacted topic: no event to record
+            try:
+                name, event = self._codec.decode(message.value, topics.EVENT_OF_TOPIC.get(suffix))
+            except CodecError as exc:
+                dead.append((message, f"recorder could not decode the value: {exc}"))
+                continue
+            records.append(
+                SourceRecord(message.topic, message.partition, message.offset, name, event, origin=message)
+            )
+        for suffix, count in consumed.items():
+            EVENTS_CONSUMED.labels(SERVICE, suffix).inc(count)
+        return records, dead
+
+    async def _insert(self, records: Sequence[SourceRecord]) -> InsertStats:
+        started = time.perf_counter()
+        try:
+            stats = await asyncio.to_thread(self._store.insert_batch, records)
+        except DATA_ERRORS as exc:
+            log.warning(
+                "batch refused as data; isolating the offending events",
+                extra={"error": f"{type(exc).__name__}: {exc}"[:500]},
+            )
+            stats = await self._insert_one_by_one(records)
+        INSERT_SECONDS.observe(time.perf_counter() - started)
+        return stats
+
+    async def _insert_one_by_one(self, records: Sequence[SourceRecord]) -> InsertStats:
+        total = InsertStats()
+        for record in records:
+            try:
+                stats = await asyncio.to_thread(self._store.insert_batch, [record])
+            except DATA_ERRORS as exc:
+                total.rejected.append((record, f"{type(exc).__name__}: {exc}"[:1000]))
+                continue
+            total.merge(stats)
+        return total
+
+    async def _dead_letter(self, message: Message | None, reason: str) -> None:
+        if message is None or self._deadletterer is None:
+            return
+        await self._deadletterer.send(message, reason)
+        DEAD_LETTERS.labels(SERVICE).inc()
+
+    def _observe(self, stats: InsertStats, records: Sequence[SourceRecord]) -> None:
+        for topic, count in stats.per_topic.items():
+            EVENTS_INSERTED.labels(self._suffix.get(topic, topic)).inc(count)
+        DUPLICATES.inc(stats.duplicates)
+        now = events.now_micros()
+        newest = 0
+        for record in records:
+            at = int(record.event.get("time") or 0)
+            if at:
+                RECORD_LAG.observe(max(0.0, (now - at) / 1e6))
+                newest = max(newest, at)
+        if newest:
+            LAST_LAG.set(max(0.0, (now - newest) / 1e6))
+
+    async def _commit(self, batch: Sequence[Message]) -> None:
+        consumer = self._kafka_consumer
+        offsets: dict[TopicPartition, int] = {}
+        for message in batch:
+            tp = TopicPartition(message.topic, message.partition)
+            offsets[tp] = max(offsets.get(tp, 0), message.offset + 1)
+        # After a rebalance some partitions may belong to another member now: it consumes them
+        # again from the last commit, which the idempotent inserts make harmless.
+        assigned = consumer.assignment()
+        owned = {tp: off for tp, off in offsets.items() if tp in assigned}
+        if not owned:
+            return
+        try:
+            await consumer.commit(owned)
+        except KafkaError as exc:
+            log.warning(
+                "offset commit failed; the batch will be consumed again (idempotent)",
+                extra={"error": f"{type(exc).__name__}: {exc}"[:500]},
+            )
+            return
+        self.committed_messages += sum(1 for m in batch if TopicPartition(m.topic, m.partition) in owned)
+
+    # -- retries ------------------------------------------------------------------------------
+
+    async def _retrying(self, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run ``operation`` until it succeeds, pausing consumption while it keeps failing."""
+        delay = 0.2
+        attempts = 0
+        paused = False
+        try:
+            while True:
+                try:
+                    return await operation()
+                except DATA_ERRORS:
+                    raise
+                except Exception as exc:  # the store or broker is down: wait and try again
+                    attempts += 1
+                    INSERT_FAILURES.inc()
+                    if self._stopping.is_set() and attempts >= STOP_ATTEMPTS:
+                        raise StopRequested from exc
+                    log.warning(
+                        "audit store write failed; retrying",
+                        extra={
+                            "error": f"{type(exc).__name__}: {exc}"[:500],
+                            "attempt": attempts,
+                            "retry_in_s": delay,
+                        },
+                    )
+                    paused = True
+                    await self._idle(delay)
+                    delay = min(delay * 2, self._settings.retry_max_backoff_seconds)
+        finally:
+            if paused and self._consumer is not None:
+                self._consumer.resume(*self._consumer.assignment())
+
+    async def _idle(self, seconds: float) -> None:
+        """Back off for ``seconds`` while staying a live group member and fetching nothing.
+
+        A stop request ends the wait early (the caller then makes its last attempts).
+        """
+        consumer = self._kafka_consumer
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            # Pause before every poll: a rebalance may have assigned new, unpaused partitions.
+            consumer.pause(*consumer.assignment())
+            fetched: dict[Any, list[Message]] = await consumer.getmany(timeout_ms=0)
+            for messages in fetched.values():
+                self._carry.extend(messages)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), timeout=min(remaining, 1.0))
+            except TimeoutError:
+                continue
+            return

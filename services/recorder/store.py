@@ -1,0 +1,544 @@
+"""The audit store: ClickHouse (embedded chDB or a server) through clickhouse-connect.
+
+One :class:`AuditStore` per process. It holds three clients, each behind its own lock because a
+clickhouse-connect client runs one statement at a time: the writer (migrations and the consumer's
+inserts), the lookup client (``call_state``, polled by async callers) and the analyst client
+(read-only SQL). Separate clients mean a ten-second analyst query never delays an insert or a
+call-state poll. With chDB all three are handles on the one engine this process hosts (chDB allows
+one engine path per process, which is why the recorder owns the store and serves reads itself).
+The clients are synchronous: async code calls this class through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import clickhouse_connect
+import orjson
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import ClickHouseError
+
+from services.recorder import handlers
+from services.recorder.config import ClickHouseSettings
+
+log = logging.getLogger(__name__)
+
+MIGRATION_FILE = re.compile(r"^(\d{4})_[A-Za-z0-9_]+\.sql$")
+MAX_QUERY_CHARS = 100_000
+MAX_RESULT_BYTES = 256 * 1024 * 1024
+
+
+class StoreError(Exception):
+    """ClickHouse refused or failed a statement; ``message`` is ClickHouse's explanation."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class SQLRejected(ValueError):
+    """An analyst's SQL that is not a single read-only statement on the audit database."""
+
+
+class MigrationError(RuntimeError):
+    """The migrations on disk disagree with the ones recorded as applied."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Migrations
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One versioned migration file."""
+
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        """SHA-256 of the file: an applied migration must never change."""
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+    def statements(self, database: str) -> list[str]:
+        """The statements with ``{db}`` replaced; a ``;`` at the end of a line ends one.
+
+        Whole-line ``--`` comments are dropped first, so a comment ending in ``;`` cannot split
+        a statement. ``str.replace`` rather than ``str.format``: SQL has braces of its own.
+        """
+        lines = self.sql.replace("{db}", database).splitlines()
+        code = "\n".join(ln for ln in lines if not ln.lstrip().startswith("--"))
+        chunks = re.split(r";[ \t]*(?:\n|$)", code)
+        return [chunk.strip() for chunk in chunks if chunk.strip()]
+
+
+def load_migrations(directory: Path | None = None) -> list[Migration]:
+    """The migrations shipped with the recorder, in version order."""
+    base = directory or Path(str(resources.files("services.recorder") / "migrations"))
+    found: list[Migration] = []
+    for path in sorted(base.iterdir()):
+        match = MIGRATION_FILE.match(path.name)
+        if match:
+            found.append(Migration(int(match.group(1)), path.stem, path.read_text("utf-8")))
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"two migrations share a version in {base}")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# The SQL guard
+
+
+_TOKEN = re.compile(
+    r"""
+      (?P<ws>\s+)
+    | (?P<comment>--[^\r\n]*|\#[ !][^\r\n]*|/\*.*?\*/)
+    | (?P<string>'(?:[^'\\]|\\.|'')*')
+    | (?P<heredoc>\$(?P<tag>[A-Za-z0-9_]*)\$.*?\$(?P=tag)\$)
+    | (?P<qident>"(?:[^"\\]|\\.|"")*"|`(?:[^`\\]|\\.|``)*`)
+    | (?P<unterminated>['"`$]|/\*)
+    | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
+    | (?P<number>\d[\w.]*)
+    | (?P<punct>.)
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+
+_FIRST_KEYWORDS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXPLAIN"})
+_SHOW_OBJECTS = frozenset({"TABLES", "CREATE", "COLUMNS", "FIELDS", "INDEX", "INDEXES", "KEYS"})
+_SHOW_CREATE_DENIED = frozenset(
+    {"DATABASE", "USER", "ROLE", "QUOTA", "POLICY", "ROW", "PROFILE", "SETTINGS", "DICTIONARY"}
+)
+#: Keywords that turn a read into something else: ``INTO OUTFILE`` writes a file on the host
+#: even with readonly=1; SETTINGS belong to the API, not to the query.
+_FORBIDDEN_KEYWORDS = frozenset({"INTO", "OUTFILE", "SETTINGS"})
+#: Table functions that stay allowed: they generate data and read nothing. ``format`` is also
+#: a common scalar function; its table-function form is refused by readonly=1 anyway.
+SAFE_FUNCTIONS = frozenset(
+    {"numbers", "numbers_mt", "values", "generaterandom", "generate_series", "generateseries",
+     "view", "null", "primes", "format", "fuzzquery"}
+)  # fmt: skip
+#: Denied whatever the server lists: functions that read files, other tables, the network or
+#: the process. ``file`` is also a scalar function, and readonly=1 lets it read any file;
+#: chDB's ``python`` reads objects of this very process.
+BASE_DENIED_FUNCTIONS = frozenset(
+    {"file", "filecluster", "filesystem", "url", "urlcluster", "s3", "s3cluster", "gcs", "oss",
+     "cosn", "hdfs", "hdfscluster", "azureblobstorage", "remote", "remotesecure", "cluster",
+     "clusterallreplicas", "merge", "mergetreeindex", "mergetreeprojection",
+     "mergetreeanalyzeindexes", "mergetreetextindex", "dictionary", "executable", "input",
+     "jdbc", "odbc", "mysql", "postgresql", "sqlite", "mongodb", "redis", "python", "loop",
+     "viewifpermitted", "joinget", "joingetornull", "eval", "bigquery", "ytsaurus",
+     "getserversetting"}
+)  # fmt: skip
+BASE_OTHER_DATABASES = frozenset({"system", "information_schema", "default"})
+
+
+@dataclass(frozen=True, slots=True)
+class _Tok:
+    kind: str
+    value: str
+    end: int
+
+    @property
+    def keyword(self) -> str:
+        """The upper-cased word of an unquoted identifier ('' for anything else)."""
+        return self.value.upper() if self.kind == "ident" else ""
+
+    @property
+    def name(self) -> str | None:
+        """Identifier name (quoted ones unquoted), casefolded; None for other tokens."""
+        if self.kind == "ident":
+            return self.value.casefold()
+        if self.kind == "qident":
+            quote = self.value[0]
+            return self.value[1:-1].replace(quote * 2, quote).casefold()
+        return None
+
+
+def _tokens(sql: str) -> list[_Tok]:
+    out: list[_Tok] = []
+    for match in _TOKEN.finditer(sql):
+        kind = match.lastgroup or "punct"
+        if kind in ("ws", "comment"):
+            continue
+        if kind == "unterminated":
+            raise SQLRejected("unterminated string, quoted name or comment (or a stray $)")
+        if kind == "qident" and "\\" in match.group(kind):
+            # ClickHouse unescapes names (`fi\le` is `file`); refusing is simpler than agreeing.
+            raise SQLRejected("backslashes are not allowed in quoted names")
+        out.append(_Tok(kind, match.group(kind), match.end()))
+    return out
+
+
+def check_readonly_sql(
+    sql: str,
+    database: str,
+    other_databases: Iterable[str] = BASE_OTHER_DATABASES,
+    denied_functions: Iterable[str] = BASE_DENIED_FUNCTIONS,
+) -> str:
+    """Accept one SELECT/WITH/SHOW/DESCRIBE/EXPLAIN statement on the audit database, or raise.
+
+    Returns the statement without a trailing ``;``. This guard runs before anything reaches
+    ClickHouse, and the query then runs with ``readonly=1``; the guard covers what readonly=1
+    lets through (``INTO OUTFILE``, the ``file()`` function, other databases, chDB's
+    ``python()``). Strings, quoted names and comments are tokenised the way ClickHouse's lexer
+    does; where the two could differ (nested block comments) this side always sees more text as
+    code, so nothing can be hidden from the checks: the worst case is a harmless query rejected.
+    """
+    if len(sql) > MAX_QUERY_CHARS:
+        raise SQLRejected(f"query longer than {MAX_QUERY_CHARS} characters")
+    toks = _tokens(sql)
+    while toks and toks[-1].value == ";":
+        toks.pop()
+    if not toks:
+        raise SQLRejected("empty query")
+    if any(t.kind == "punct" and t.value == ";" for t in toks):
+        raise SQLRejected("only one statement per query")
+    start = next((i for i, t in enumerate(toks) if t.value != "("), 0)
+    if toks[start].keyword not in _FIRST_KEYWORDS:
+        raise SQLRejected("only SELECT, WITH, SHOW, DESCRIBE and EXPLAIN statements are allowed")
+    if toks[start].keyword == "SHOW":
+        words = [t.keyword for t in toks[start + 1 : start + 4]] + ["", "", ""]
+        if words[0] in ("FULL", "EXTENDED"):
+            words = words[1:]
+        if words[0] not in _SHOW_OBJECTS or (words[0] == "CREATE" and words[1] in _SHOW_CREATE_DENIED):
+            raise SQLRejected("only SHOW TABLES, SHOW CREATE TABLE, SHOW COLUMNS, SHOW INDEX")
+    others = {d.casefold() for d in other_databases} - {database.casefold()}
+    denied = {f.casefold() for f in denied_functions} - SAFE_FUNCTIONS
+    for i, tok in enumerate(toks):
+        nxt = toks[i + 1].value if i + 1 < len(toks) else ""
+        prev = toks[i - 1].keyword if i > 0 else ""
+        if tok.keyword in _FORBIDDEN_KEYWORDS:
+            raise SQLRejected(f"{tok.keyword} is not allowed in audit queries")
+        if tok.keyword == "FORMAT" and nxt != "(":
+            raise SQLRejected('FORMAT is not allowed: choose "format" in the request instead')
+        name = tok.name
+        if name is None:
+            continue
+        if nxt == "(" and (name in denied or name.startswith("dict")):
+            raise SQLRejected(f"function {tok.value}() is not allowed in audit queries")
+        if name in others and (nxt == "." or prev in ("FROM", "IN", "DATABASE", "JOIN")):
+            raise SQLRejected(f"queries may only read the {database} database")
+    # Cut after the last token: a trailing comment must not run into whatever the client
+    # appends (chDB appends the SETTINGS clause as text).
+    return sql[: toks[-1].end].strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class QueryResult:
+    """An analyst query's result."""
+
+    columns: list[str]
+    types: list[str]
+    rows: list[list[Any]]
+    elapsed_ms: float
+    truncated: bool = False
+
+    @property
+    def row_count(self) -> int:
+        """Number of rows returned."""
+        return len(self.rows)
+
+
+@dataclass
+class InsertStats:
+    """What one :meth:`AuditStore.insert_batch` wrote."""
+
+    events: int = 0
+    duplicates: int = 0
+    call_parts: int = 0
+    per_topic: dict[str, int] = field(default_factory=dict)
+    #: Events no row could be built for, with the reason (to be dead-lettered).
+    rejected: list[tuple[handlers.SourceRecord, str]] = field(default_factory=list)
+
+    def merge(self, other: InsertStats) -> None:
+        """Add another insert's counts to these."""
+        self.events += other.events
+        self.duplicates += other.duplicates
+        self.call_parts += other.call_parts
+        for topic, count in other.per_topic.items():
+            self.per_topic[topic] = self.per_topic.get(topic, 0) + count
+        self.rejected.extend(other.rejected)
+
+
+def _aware(value: Any) -> Any:
+    # clickhouse-connect returns UTC DateTime64 values as naive datetimes (its naive_utc mode).
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+class _Guarded:
+    """A client and the lock that serialises its use."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.lock = threading.Lock()
+
+
+class AuditStore:
+    """Reads and writes the audit tables; every method is blocking and thread-safe."""
+
+    def __init__(self, settings: ClickHouseSettings, data_dir: Path = Path("data")) -> None:
+        self.settings = settings
+        self.database = settings.database
+        self._url = settings.resolved_url(data_dir)
+        self.display_url = settings.display_url(data_dir)
+        if settings.is_chdb:
+            Path(self._url[len("chdb://") :]).parent.mkdir(parents=True, exist_ok=True)
+        self._closed = False
+        opened: list[Client] = []
+        try:
+            opened.append(self._connect(None))
+            # Readers are bound to the audit database (unqualified names resolve there), which
+            # must therefore exist before they connect.
+            opened[0].command(f"CREATE DATABASE IF NOT EXISTS {self.database}")
+            opened.append(self._connect(self.database))
+            opened.append(self._connect(self.database))
+        except BaseException:
+            for client in opened:
+                client.close()
+            raise
+        self._writer, self._lookup, self._analyst = (_Guarded(c) for c in opened)
+        self._denied_functions: frozenset[str] = BASE_DENIED_FUNCTIONS
+        self._other_dbs: frozenset[str] = BASE_OTHER_DATABASES
+        self._other_dbs_at = 0.0
+
+    def _connect(self, database: str | None) -> Client:
+        if self.settings.is_chdb:
+            return clickhouse_connect.get_client(dsn=self._url, database=database)
+        password = self.settings.password.get_secret_value() if self.settings.password else ""
+        return clickhouse_connect.get_client(
+            dsn=self._url,
+            username=self.settings.username or "default",
+            password=password,
+            database=database or "",
+            # No HTTP session: a session id would make concurrent statements conflict.
+            autogenerate_session_id=False,
+        )
+
+    @contextmanager
+    def _use(self, guarded: _Guarded) -> Iterator[Client]:
+        if self._closed:
+            raise StoreError("the audit store is closed")
+        with guarded.lock:
+            yield guarded.client
+
+    def close(self) -> None:
+        """Close every client (with chDB this releases the engine path for another process)."""
+        if self._closed:
+            return
+        self._closed = True
+        for guarded in (self._analyst, self._lookup, self._writer):
+            with guarded.lock:
+                try:
+                    guarded.client.close()
+                except Exception:  # closing is best effort; the process may be exiting anyway
+                    log.debug("closing a ClickHouse client failed", exc_info=True)
+
+    def ping(self) -> bool:
+        """True when the store answers."""
+        try:
+            with self._use(self._lookup) as client:
+                return bool(client.ping())
+        except (ClickHouseError, StoreError, OSError):
+            return False
+
+    # -- migrations ---------------------------------------------------------------------------
+
+    def migrate(self, migrations: Sequence[Migration] | None = None) -> list[int]:
+        """Apply the migrations not applied yet, in order; returns the versions applied now.
+
+        ``schema_migrations`` records each applied version with the file's checksum; a file
+        that changed after it was applied stops the recorder (add a new migration instead).
+        """
+        todo = list(migrations) if migrations is not None else load_migrations()
+        db = self.database
+        applied_now: list[int] = []
+        with self._use(self._writer) as client:
+            client.command(
+                f"CREATE TABLE IF NOT EXISTS {db}.schema_migrations ("
+                "version UInt32, name String, checksum String, "
+                "applied_at DateTime64(6, 'UTC') DEFAULT now64(6)"
+                ") ENGINE = ReplacingMergeTree(applied_at) ORDER BY version"
+            )
+            # Names spliced into SQL here and below are the validated database identifier.
+            rows = client.query(
+                f"SELECT version, argMax(checksum, applied_at) FROM {db}.schema_migrations "  # noqa: S608
+                "GROUP BY version"
+            ).result_rows
+            applied = {int(v): str(c) for v, c in rows}
+            for migration in sorted(todo, key=lambda m: m.version):
+                known = applied.get(migration.version)
+                if known is not None:
+                    if known != migration.checksum:
+                        raise MigrationError(
+                            f"migration {migration.name} changed after it was applied; "
+                            "add a new migration instead of editing an applied one"
+                        )
+                    continue
+                for statement in migration.statements(db):
+                    client.command(statement)
+                client.insert(
+                    f"{db}.schema_migrations",
+                    [[migration.version, migration.name, migration.checksum]],
+                    column_names=["version", "name", "checksum"],
+                )
+                applied_now.append(migration.version)
+                log.info("applied migration", extra={"migration": migration.name})
+            try:
+                names = client.query("SELECT lower(name) FROM system.table_functions").result_rows
+            except ClickHouseError:
+                names = []  # a server user without access to system tables: the base list stays
+        # Every table function this server knows is denied to analysts unless known to be safe.
+        self._denied_functions = BASE_DENIED_FUNCTIONS | {str(n) for (n,) in names}
+        return applied_now
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def insert_batch(self, records: Sequence[handlers.SourceRecord]) -> InsertStats:
+        """Store a batch of decoded events; idempotent, so a redelivered batch is harmless.
+
+        ``call_parts`` rows are always inserted (folding an event twice changes nothing).
+        ``events`` rows whose event id is already stored are skipped, and the table is a
+        ReplacingMergeTree on the event id for the rare race this check cannot see (two
+        replicas during a rebalance). Parts go first: if the process dies between the two
+        inserts, the redelivered batch still completes both.
+        """
+        rows = handlers.rows_for_batch(records)
+        stats = InsertStats(rejected=rows.rejected)
+        if not rows.events:
+            return stats
+        db = self.database
+        with self._use(self._writer) as client:
+            if rows.call_parts:
+                client.insert(f"{db}.call_parts", rows.call_parts, column_names=handlers.CALL_PART_COLUMNS)
+                stats.call_parts = len(rows.call_parts)
+            known = self._stored_event_ids(client, rows.event_keys)
+            fresh = [row for row in rows.events if row[0] not in known]
+            if fresh:
+                client.insert(f"{db}.events", fresh, column_names=handlers.EVENT_COLUMNS)
+        stats.events = len(fresh)
+        stats.duplicates = len(rows.events) - len(fresh)
+        for row, topic in zip(rows.events, rows.topics, strict=True):
+            if row[0] not in known:
+                stats.per_topic[topic] = stats.per_topic.get(topic, 0) + 1
+        return stats
+
+    def _stored_event_ids(self, client: Client, keys: Sequence[tuple[str, str]]) -> set[str]:
+        # The batch's call ids travel as one JSON string parameter (binding thousands of array
+        # elements costs more than the query), and the filter on call_id reads only the
+        # granules of those calls through the primary key (call_id, event_id).
+        calls = orjson.dumps(sorted({c for c, _ in keys})).decode()
+        result = client.query(
+            f"SELECT event_id FROM {self.database}.events "  # noqa: S608
+            "WHERE call_id IN (SELECT arrayJoin(JSONExtract({calls:String}, 'Array(String)')))",
+            parameters={"calls": calls},
+        )
+        wanted = {e for _, e in keys}
+        return {str(r[0]) for r in result.result_rows} & wanted
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def call_state(self, call_id: str) -> dict[str, Any] | None:
+        """The ``calls`` row of one call as a dict (datetimes UTC-aware), or None if unknown."""
+        with self._use(self._lookup) as client:
+            try:
+                result = client.query(
+                    f"SELECT * FROM {self.database}.calls WHERE call_id = {{id:String}}",  # noqa: S608
+                    parameters={"id": call_id},
+                )
+            except ClickHouseError as exc:
+                raise StoreError(_clean_error(str(exc))) from exc
+        if not result.result_rows:
+            return None
+        row = result.result_rows[0]
+        return {name: _aware(value) for name, value in zip(result.column_names, row, strict=True)}
+
+    def _refresh_other_databases(self, client: Client) -> frozenset[str]:
+        # Other databases can appear at any time on a server; refresh the list once a minute.
+        if time.monotonic() - self._other_dbs_at > 60:
+            try:
+                names = client.query("SELECT name FROM system.databases").result_rows
+            except ClickHouseError:
+                names = []  # no access to system tables: the base list stays
+            self._other_dbs = BASE_OTHER_DATABASES | {str(n) for (n,) in names}
+            self._other_dbs_at = time.monotonic()
+        return self._other_dbs
+
+    def query(
+        self,
+        sql: str,
+        *,
+        max_rows: int = 10000,
+        max_seconds: float = 10.0,
+        max_memory_bytes: int = 0,
+    ) -> QueryResult:
+        """Run an analyst's read-only statement against the audit database.
+
+        Raises :class:`SQLRejected` before sending anything that is not a single read statement
+        on the audit database, and :class:`StoreError` with ClickHouse's message when the query
+        fails. The query runs with ``readonly=1`` and bounded time, memory and result size; more
+        than ``max_rows`` rows are cut off and flagged ``truncated``.
+        """
+        settings: dict[str, Any] = {
+            "readonly": 1,
+            "max_execution_time": max_seconds,
+            "max_result_rows": max_rows,
+            "max_result_bytes": MAX_RESULT_BYTES,
+            "result_overflow_mode": "break",
+        }
+        if max_memory_bytes:
+            settings["max_memory_usage"] = max_memory_bytes
+        started = time.perf_counter()
+        with self._use(self._analyst) as client:
+            try:
+                others = self._refresh_other_databases(client)
+                statement = check_readonly_sql(sql, self.database, others, self._denied_functions)
+                result = client.query(statement, settings=settings)
+                columns = list(result.column_names)
+                types = [t.name for t in result.column_types]
+                rows = [list(r) for r in result.result_rows[: max_rows + 1]]
+                if not columns and statement.lstrip("( \n\t").upper().startswith(("SELECT", "WITH")):
+                    # An empty result carries no header with chDB; ask for it separately.
+                    described = client.query(f"DESCRIBE ({statement})", settings=settings)
+                    columns = [str(r[0]) for r in described.result_rows]
+                    types = [str(r[1]) for r in described.result_rows]
+            except ClickHouseError as exc:
+                raise StoreError(_clean_error(str(exc))) from exc
+        elapsed = (time.perf_counter() - started) * 1000
+        truncated = len(rows) > max_rows
+        return QueryResult(columns, types, rows[:max_rows], round(elapsed, 3), truncated)
+
+
+def _insert_rows(client: Client, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
+    """Insert rows column-oriented: the C-level transpose beats clickhouse-connect's own."""
+    data = [list(column) for column in zip(*rows, strict=True)]
+    client.insert(table, data, column_names=list(columns), column_oriented=True)
+
+
+def _clean_error(message: str) -> str:
+    """ClickHouse's message without the client's wrapping or the version trailer."""
+    text = message.strip()
+    text = re.sub(r"\s*\(version [^)]*\)\.?", "", text)
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()[:2000]
+    return "query failed"

@@ -1,0 +1,358 @@
+"""Typed views of the event contract in ``schemas/`` and helpers to build envelopes.
+
+The Avro schemas are the contract; these TypedDicts mirror them for type checking at no runtime
+cost (events stay plain dicts, which is what fastavro reads and writes fastest). Every event
+carries the envelope of DESIGN.md invariant 6: event id, call id, session id, time, identity,
+policy bundle version.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import Literal, NotRequired, TypedDict
+
+# Event names (the schema names under schemas/) and the topic each lives on.
+CALL_SUBMITTED = "CallSubmitted"
+CALL_DECIDED = "CallDecided"
+CALL_COMPLETED = "CallCompleted"
+CALL_FAILED = "CallFailed"
+CALL_REPLY = "CallReply"
+APPROVAL_REQUESTED = "ApprovalRequested"
+APPROVAL_DECIDED = "ApprovalDecided"
+POLICY_BUNDLE_PUBLISHED = "PolicyBundlePublished"
+FORWARDER_CLAIM = "ForwarderClaim"
+DEAD_LETTER = "DeadLetter"
+
+Decision = Literal["allow", "deny", "require_approval", "rate_limited"]
+TerminalState = Literal["completed", "failed", "denied", "expired", "rate_limited"]
+
+
+class Identity(TypedDict):
+    """Verified caller identity (never the token itself)."""
+
+    subject: str
+    issuer: str
+    username: str | None
+    email: str | None
+    groups: list[str]
+    client_id: str | None
+    token_id: str | None
+
+
+class ReplyTo(TypedDict):
+    """The replies-topic partition a waiting ingress replica reads."""
+
+    topic: str
+    partition: int
+    instance: str
+
+
+class UpstreamAttempt(TypedDict):
+    """One HTTP attempt against the upstream."""
+
+    number: int
+    started_at: int
+    duration_ms: float
+    status: int
+    error: str | None
+    retry_after_ms: float | None
+    request_id: str | None
+
+
+class MaskedValue(TypedDict):
+    """A masked value, kept only as a keyed fingerprint."""
+
+    type: str
+    placeholder: str
+    fingerprint: str
+    location: str
+    start: int
+    end: int
+    scope: str
+
+
+class Envelope(TypedDict):
+    """Fields every event carries."""
+
+    event_id: str
+    call_id: str
+    session_id: str
+    time: int
+    identity: Identity
+    bundle_version: str | None
+
+
+class CallSubmitted(Envelope):
+    """calls.submitted"""
+
+    ingress_instance: str
+    mode: str
+    stream: bool
+    reply_to: ReplyTo | None
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+    model: str
+    upstream: str | None
+    client_ip: str | None
+    user_agent: str | None
+    approval_id: str | None
+
+
+class CallDecided(Envelope):
+    """calls.decided"""
+
+    decision: str
+    reason: str
+    rule_ids: list[str]
+    tags: list[str]
+    upstream: str
+    status: int
+    error_type: str | None
+    ingress_instance: str
+    mode: str
+    stream: bool
+    reply_to: ReplyTo | None
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    model: str
+    body: bytes | None
+    record_body: bytes | None
+    masked: list[MaskedValue]
+    fail_open: bool
+    submitted_at: int | None
+    approval_id: str | None
+
+
+class CallCompleted(Envelope):
+    """calls.completed: terminal state ``completed``."""
+
+    upstream: str
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    attempts: list[UpstreamAttempt]
+    latency_ms: float
+    request_id: str | None
+    model: str
+    stop_reason: str | None
+    input_tokens: int | None
+    output_tokens: int | None
+    masked: list[MaskedValue]
+    stream: bool
+    submitted_at: int | None
+
+
+class CallFailed(Envelope):
+    """calls.failed: terminal state ``failed``."""
+
+    stage: str
+    error_type: str
+    message: str
+    status: int
+    upstream: str | None
+    attempts: list[UpstreamAttempt]
+    headers: dict[str, str]
+    body: bytes | None
+    submitted_at: int | None
+
+
+class CallReply(Envelope):
+    """calls.replies: the answer a waiting ingress replica hands to its caller."""
+
+    kind: str
+    seq: int
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    terminal_state: str | None
+
+
+class ForwarderClaim(Envelope):
+    """forwarder.claims: at-most-once bookkeeping of upstream calls."""
+
+    state: str
+    terminal_state: str | None
+
+
+class DeadLetter(Envelope):
+    """deadletter: a message a service could not process."""
+
+    service: str
+    reason: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    key: bytes | None
+    value: bytes
+    value_sha256: str
+
+
+class PolicyBundlePublished(Envelope):
+    """policy.bundles: a versioned policy bundle."""
+
+    name: str
+    version: str
+    sha256: str
+    source: str
+    rule_count: int
+
+
+class ApprovalRequested(Envelope):
+    """approvals.requested"""
+
+    approval_id: str
+    rule_ids: list[str]
+    reason: str
+    summary: str
+    excerpt: str
+    approver_groups: list[str]
+    quorum: int
+    expires_at: int
+
+
+class ApprovalDecided(Envelope):
+    """approvals.decided"""
+
+    approval_id: str
+    decision: str
+    comment: str | None
+    grant: str
+    window_seconds: NotRequired[int | None]
+
+
+def now_micros() -> int:
+    """Current UTC time in microseconds since the epoch (the contract's time unit)."""
+    return time.time_ns() // 1000
+
+
+def new_event_id() -> str:
+    """A random event id."""
+    return str(uuid.uuid4())
+
+
+def derived_event_id(call_id: str, kind: str) -> str:
+    """A deterministic event id for the one event of ``kind`` a call can have.
+
+    Why: services are at-least-once; when a message is reprocessed, the event it produces again has
+    the same id, so the audit store (idempotent on event id) keeps one row.
+    """
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"skillgate:{call_id}:{kind}"))
+
+
+def new_call_id() -> str:
+    """A UUIDv7 (RFC 9562): time-ordered, so the audit store's sort key follows arrival time."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76  # version 7
+    value |= ((rand >> 64) & 0xFFF) << 64  # rand_a, 12 bits
+    value |= 0b10 << 62  # RFC 4122 variant
+    value |= rand & ((1 << 62) - 1)  # rand_b, 62 bits
+    return str(uuid.UUID(int=value))
+
+
+def anonymous_identity(issuer: str = "skillgate") -> Identity:
+    """The identity of skillgate itself, for events no person caused (expiry, system publish)."""
+    return Identity(
+        subject="system:skillgate",
+        issuer=issuer,
+        username="skillgate",
+        email=None,
+        groups=[],
+        client_id=None,
+        token_id=None,
+    )
+
+
+def envelope(
+    call_id: str,
+    session_id: str,
+    identity: Identity,
+    bundle_version: str | None,
+    event_id: str | None = None,
+) -> Envelope:
+    """The common envelope fields, to be merged into an event."""
+    return Envelope(
+        event_id=event_id or new_event_id(),
+        call_id=call_id,
+        session_id=session_id,
+        time=now_micros(),
+        identity=identity,
+        bundle_version=bundle_version,
+    )
+
+
+def error_reply(
+    source: Envelope,
+    bundle_version: str | None,
+    *,
+    status: int,
+    message: str,
+    error_type: str | None,
+    terminal_state: str,
+) -> CallReply:
+    """The Anthropic-shaped error a waiting caller gets when its call ends without an answer.
+
+    Its id derives from the call id: whoever ends the call (policy or forwarder), a reprocessed
+    message yields the same reply event.
+    """
+    from skillgate.errors import error_body, new_request_id
+
+    rid = new_request_id()
+    return CallReply(
+        **envelope(
+            source["call_id"],
+            source["session_id"],
+            source["identity"],
+            bundle_version,
+            event_id=derived_event_id(source["call_id"], "reply"),
+        ),
+        kind="response",
+        seq=0,
+        status=status,
+        headers={"content-type": "application/json", "request-id": rid},
+        body=error_body(status, message, rid, error_type),
+        terminal_state=terminal_state,
+    )
+
+
+def failed_event(
+    source: Envelope,
+    bundle_version: str | None,
+    *,
+    stage: str,
+    status: int,
+    error_type: str,
+    message: str,
+    upstream: str | None,
+    submitted_at: int | None,
+    attempts: list[UpstreamAttempt] | None = None,
+    headers: dict[str, str] | None = None,
+    body: bytes | None = None,
+) -> CallFailed:
+    """The calls.failed record of a call (terminal state ``failed``), with a call-derived id."""
+    return CallFailed(
+        **envelope(
+            source["call_id"],
+            source["session_id"],
+            source["identity"],
+            bundle_version,
+            event_id=derived_event_id(source["call_id"], "failed"),
+        ),
+        stage=stage,
+        error_type=error_type,
+        message=message,
+        status=status,
+        upstream=upstream,
+        attempts=attempts or [],
+        headers=headers or {},
+        body=body,
+        submitted_at=submitted_at,
+    )

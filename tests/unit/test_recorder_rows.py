@@ -1,0 +1,564 @@
+"""The recorder's rows, never-store rules, migrations, idempotent inserts and SQL guard.
+
+Row building is tested as pure functions; the store tests run a real embedded chDB in
+``tmp_path`` (one engine path per process at a time, so every store is closed after its test).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from services.recorder import handlers
+from services.recorder.config import ClickHouseSettings
+from services.recorder.handlers import SourceRecord
+from services.recorder.store import (
+    AuditStore,
+    Migration,
+    MigrationError,
+    SQLRejected,
+    StoreError,
+    check_readonly_sql,
+    load_migrations,
+)
+from skillgate import events as ev
+from skillgate.codec import default_codec
+
+T0 = 1_795_000_000_000_000  # 2026-11-18, microseconds
+SECRET = "sk-ant-api03-SECRETSECRET"
+PII = "alice.private@example.com"
+CALLER_FACING = "CALLER-FACING-REPLY"
+POISON = "RAW-POISON-VALUE"
+
+IDENT: dict[str, Any] = {
+    "subject": "user-1",
+    "issuer": "http://idp.test",
+    "username": "alice",
+    "email": "alice@example.com",
+    "groups": ["dev", "ml"],
+    "client_id": "cli",
+    "token_id": "jti-1",
+}
+
+
+def _env(call_id: str, kind: str, t: int, identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "event_id": ev.derived_event_id(call_id, kind),
+        "call_id": call_id,
+        "session_id": "sess-1",
+        "time": t,
+        "identity": identity or IDENT,
+        "bundle_version": "bundle-7",
+    }
+
+
+def submitted(call_id: str, t: int = T0) -> dict[str, Any]:
+    """A CallSubmitted whose unmasked body holds a secret and PII."""
+    body = {"model": "claude-test", "messages": [{"role": "user", "content": f"{SECRET} {PII}"}]}
+    return {
+        **_env(call_id, "submitted", t),
+        "bundle_version": None,
+        "ingress_instance": "ingress-1",
+        "mode": "async",
+        "stream": False,
+        "reply_to": None,
+        "method": "POST",
+        "path": "/v1/messages",
+        "query": "",
+        "headers": {"anthropic-version": "2023-06-01"},
+        "body": orjson.dumps(body),
+        "model": "claude-test",
+        "upstream": None,
+        "client_ip": "127.0.0.1",
+        "user_agent": "pytest",
+        "approval_id": None,
+    }
+
+
+def decided(
+    call_id: str,
+    t: int = T0 + 1000,
+    decision: str = "allow",
+    record_body: bytes | None = b'{"content":"[API_KEY_1] [EMAIL_1]"}',
+    status: int = 0,
+) -> dict[str, Any]:
+    """A CallDecided: the upstream body still holds PII (allowed to the model), the record not."""
+    allowed = decision == "allow"
+    return {
+        **_env(call_id, f"decided-{decision}", t),
+        "decision": decision,
+        "reason": "ok" if allowed else f"policy says {decision}",
+        "rule_ids": ["mask-secrets"] if allowed else ["block-x"],
+        "tags": ["pii"],
+        "upstream": "anthropic",
+        "status": status,
+        "error_type": None if allowed else "permission_error",
+        "ingress_instance": "ingress-1",
+        "mode": "async",
+        "stream": False,
+        "reply_to": None,
+        "method": "POST",
+        "path": "/v1/messages",
+        "query": "",
+        "headers": {"anthropic-version": "2023-06-01"},
+        "model": "claude-test",
+        "body": f'{{"content":"[API_KEY_1] {PII}"}}'.encode() if allowed else None,
+        "record_body": record_body,
+        "masked": [
+            {
+                "type": "AWS_ACCESS_KEY",
+                "placeholder": "[API_KEY_1]",
+                "fingerprint": "fp-secret",
+                "location": "messages[0].content",
+                "start": 0,
+                "end": 10,
+                "scope": "upstream",
+            }
+        ],
+        "fail_open": False,
+        "submitted_at": T0,
+        "approval_id": None,
+    }
+
+
+def completed(call_id: str, t: int = T0 + 5000) -> dict[str, Any]:
+    """A CallCompleted with a masked response body."""
+    return {
+        **_env(call_id, "completed", t),
+        "upstream": "anthropic",
+        "status": 200,
+        "headers": {"content-type": "application/json"},
+        "body": b'{"id":"msg_1","type":"message","content":[{"type":"text","text":"hi"}]}',
+        "attempts": [
+            {
+                "number": 1,
+                "started_at": T0 + 2000,
+                "duration_ms": 3.5,
+                "status": 529,
+                "error": None,
+                "retry_after_ms": 10.0,
+                "request_id": "req_a",
+            },
+            {
+                "number": 2,
+                "started_at": T0 + 3000,
+                "duration_ms": 2.0,
+                "status": 200,
+                "error": None,
+                "retry_after_ms": None,
+                "request_id": "req_b",
+            },
+        ],
+        "latency_ms": 12.5,
+        "request_id": "req_b",
+        "model": "claude-test-20260101",
+        "stop_reason": "end_turn",
+        "input_tokens": 11,
+        "output_tokens": 3,
+        "masked": [],
+        "stream": False,
+        "submitted_at": T0,
+    }
+
+
+def failed(call_id: str, t: int = T0 + 6000) -> dict[str, Any]:
+    """A CallFailed after upstream overload."""
+    return {
+        **_env(call_id, "failed", t),
+        "stage": "forwarder",
+        "error_type": "overloaded_error",
+        "message": "upstream overloaded after 3 attempts",
+        "status": 529,
+        "upstream": "anthropic",
+        "attempts": [],
+        "headers": {},
+        "body": b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}',
+        "submitted_at": T0,
+    }
+
+
+def reply(call_id: str, t: int = T0 + 5500, terminal: str | None = "completed") -> dict[str, Any]:
+    """A CallReply carrying the caller-facing body."""
+    return {
+        **_env(call_id, f"reply-{terminal}", t),
+        "kind": "response",
+        "seq": 0,
+        "status": 200,
+        "headers": {},
+        "body": CALLER_FACING.encode(),
+        "terminal_state": terminal,
+    }
+
+
+def dead_letter(t: int = T0) -> dict[str, Any]:
+    """A DeadLetter about a poison value."""
+    return {
+        **_env("", "dead", t, ev.anonymous_identity()),
+        "event_id": "dead-1",
+        "service": "policy",
+        "reason": "bad marker",
+        "source_topic": "skillgate.calls.submitted",
+        "source_partition": 0,
+        "source_offset": 7,
+        "key": b"sess-1",
+        "value": POISON.encode(),
+        "value_sha256": "ab" * 32,
+    }
+
+
+def approval_decided(call_id: str, t: int, decision: str = "approve") -> dict[str, Any]:
+    """An approver's decision (identity is the approver's)."""
+    approver = {**IDENT, "subject": "approver-9", "username": "bob", "email": None}
+    return {
+        **_env(call_id, f"approval-{decision}", t, approver),
+        "approval_id": "appr-1",
+        "decision": decision,
+        "comment": None,
+        "grant": "one_time",
+        "window_seconds": None,
+    }
+
+
+def record(name: str, event: dict[str, Any], offset: int = 0) -> SourceRecord:
+    """A SourceRecord as the consumer builds it: the event after an Avro round trip."""
+    codec = default_codec()
+    decoded_name, decoded = codec.decode(codec.encode(name, event))
+    return SourceRecord(f"t.{name}", 0, offset, decoded_name, decoded)
+
+
+def call_flow(call_id: str) -> list[SourceRecord]:
+    """Submitted → decided → completed (+ the caller's reply) for one call."""
+    return [
+        record(ev.CALL_SUBMITTED, submitted(call_id), 1),
+        record(ev.CALL_DECIDED, decided(call_id), 2),
+        record(ev.CALL_COMPLETED, completed(call_id), 3),
+        record(ev.CALL_REPLY, reply(call_id), 4),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure row building
+
+
+def test_call_month_from_uuid7_and_other_ids() -> None:
+    call_id = ev.new_call_id()
+    assert handlers.call_month(call_id) >= 202611
+    assert handlers.call_month("0190c7c2-0000-7000-8000-000000000000") == 202407
+    assert handlers.call_month("not-a-uuid") == 0
+    assert handlers.call_month("6f1c2c3e-1d2b-4c5d-8e9f-0a1b2c3d4e5f") == 0  # UUIDv4
+
+
+def test_view_and_handlers_agree_on_terminal_states() -> None:
+    """The calls view hard-codes what handlers.STATE_RANK defines; keep them in step."""
+    sql = load_migrations()[0].sql
+    assert f"tupleElement(max(state), 'rank') >= {handlers.TERMINAL_RANK}" in sql
+    refused = [s for s, r in handlers.STATE_RANK.items() if r in (90, 91)]
+    assert refused == ["denied", "rate_limited"] and "IN ('denied', 'rate_limited')" in sql
+    assert min(r for s, r in handlers.STATE_RANK.items() if s != "submitted") > 0
+
+
+def test_event_row_carries_envelope_and_identity() -> None:
+    call_id = ev.new_call_id()
+    row = dict(zip(handlers.EVENT_COLUMNS, handlers.event_row(call_flow(call_id)[0]), strict=True))
+    assert row["event_id"] == ev.derived_event_id(call_id, "submitted")
+    assert row["call_id"] == call_id and row["session_id"] == "sess-1"
+    assert row["time"] == T0 and row["event_type"] == ev.CALL_SUBMITTED
+    assert row["subject"] == "user-1" and row["groups"] == ["dev", "ml"]
+    assert row["kafka_offset"] == 1
+    payload = orjson.loads(row["payload"])
+    assert "body" not in payload and payload["body_bytes"] > 0
+    assert payload["headers"] == {"anthropic-version": "2023-06-01"}
+
+
+def test_never_store_unmasked_or_caller_facing_bodies() -> None:
+    """Invariant 3: no row of any kind holds the unmasked request, the reply or a poison value."""
+    call_id = ev.new_call_id()
+    records = [*call_flow(call_id), record(ev.DEAD_LETTER, dead_letter())]
+    rows = handlers.rows_for_batch(records)
+    dumped = repr(rows.events) + repr(rows.call_parts)
+    for forbidden in (SECRET, PII, CALLER_FACING, POISON, "sess-1'.encode"):
+        assert forbidden not in dumped, forbidden
+    dead = orjson.loads(rows.events[-1][handlers.EVENT_COLUMNS.index("payload")])
+    assert dead["value_sha256"] == "ab" * 32
+    assert "value" not in dead and "key" not in dead and dead["value_bytes"] == len(POISON)
+    # What is kept: the masked record and the masked response.
+    decided_part = dict(zip(handlers.CALL_PART_COLUMNS, rows.call_parts[1], strict=True))
+    assert decided_part["decided"][9] == '{"content":"[API_KEY_1] [EMAIL_1]"}'
+    completed_part = dict(zip(handlers.CALL_PART_COLUMNS, rows.call_parts[2], strict=True))
+    assert '"text":"hi"' in completed_part["terminal"][4]
+
+
+def test_decided_without_record_body_records_the_masked_body() -> None:
+    call_id = ev.new_call_id()
+    event = decided(call_id, record_body=None)
+    event["body"] = b'{"content":"[API_KEY_1]"}'
+    part = handlers.call_part_row(record(ev.CALL_DECIDED, event))
+    assert part is not None
+    assert part[handlers.CALL_PART_COLUMNS.index("decided")][9] == '{"content":"[API_KEY_1]"}'
+
+
+def test_parts_fill_only_what_each_event_knows() -> None:
+    call_id = ev.new_call_id()
+    approval = handlers.call_part_row(record(ev.APPROVAL_DECIDED, approval_decided(call_id, T0)))
+    assert approval is not None
+    cols = dict(zip(handlers.CALL_PART_COLUMNS, approval, strict=True))
+    assert cols["ident"] == handlers.NO_IDENT  # the approver is not the caller
+    assert cols["approval_decisions"] == ["approve:approver-9"]
+    assert cols["state"][3] == "approved"
+    # A system-caused failure does not overwrite the caller's identity.
+    system = failed(call_id)
+    system["identity"] = ev.anonymous_identity()
+    part = handlers.call_part_row(record(ev.CALL_FAILED, system))
+    assert part is not None and part[handlers.CALL_PART_COLUMNS.index("ident")] == handlers.NO_IDENT
+    # Non-terminal replies, dead letters and bundles say nothing about a call's state.
+    assert handlers.call_part_row(record(ev.CALL_REPLY, reply(call_id, terminal=None))) is None
+    assert handlers.call_part_row(record(ev.DEAD_LETTER, dead_letter())) is None
+
+
+def test_batch_dedups_event_ids_and_rejects_unbuildable_events() -> None:
+    call_id = ev.new_call_id()
+    first = call_flow(call_id)
+    broken = SourceRecord("t.x", 0, 9, ev.CALL_COMPLETED, {"event_id": "x", "call_id": call_id})
+    rows = handlers.rows_for_batch([*first, *first, broken])
+    assert len(rows.events) == len(first)
+    assert [r.offset for r, _ in rows.rejected] == [9]
+    assert "time" in rows.rejected[0][1]
+
+
+def test_clickhouse_url_defaults_to_an_absolute_chdb_path(tmp_path: Path) -> None:
+    default = ClickHouseSettings()
+    assert default.is_chdb
+    assert default.resolved_url(tmp_path) == f"chdb://{(tmp_path / 'audit.chdb').resolve()}"
+    relative = ClickHouseSettings(url="chdb://data/x.chdb").resolved_url(tmp_path)
+    assert relative == f"chdb://{Path('data/x.chdb').resolve()}"
+    server = ClickHouseSettings(url="https://ch.example:8443", username="u", password="p")
+    assert not server.is_chdb and server.display_url(tmp_path) == "https://ch.example:8443"
+    with pytest.raises(ValueError):
+        ClickHouseSettings(database="audit; DROP DATABASE x")
+    with pytest.raises(ValueError):
+        ClickHouseSettings(url="mysql://x")
+
+
+# ---------------------------------------------------------------------------------------------
+# The SQL guard
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "INSERT INTO events VALUES (1)",
+        "DROP TABLE calls",
+        "ALTER TABLE events DELETE WHERE 1",
+        "SELECT 1; SELECT 2",
+        "SELECT 1; DROP TABLE calls",
+        "SELECT * FROM system.tables",
+        'SELECT * FROM "system"."tables"',
+        "SELECT * FROM `system` . `one`",
+        "SELECT * FROM system/**/.one",
+        "SELECT * FROM default.t",
+        "SELECT * FROM INFORMATION_SCHEMA.tables",
+        "SHOW TABLES FROM system",
+        "SHOW PROCESSLIST",
+        "SHOW CREATE DATABASE skillgate",
+        "SHOW CREATE USER default",
+        "SHOW GRANTS",
+        "SELECT file('/etc/passwd')",
+        "SELECT `file`('/etc/passwd')",
+        "SELECT * FROM url('http://example.com/x', 'CSV')",
+        "SELECT * FROM merge('system', '.*')",
+        "SELECT * FROM remote('127.0.0.1', system.one)",
+        "SELECT * FROM Python(df)",
+        "SELECT dictGet('d', 'x', 1)",
+        "SELECT 1 INTO OUTFILE '/tmp/x'",
+        "SELECT 1 FORMAT JSON",
+        "SELECT 1 SETTINGS readonly = 0",
+        "SELECT 1 /* unterminated",
+        "SELECT 'unterminated",
+        "SELECT $$'$$, 1 FROM system.one --'",
+        "SELECT `sys\\tem`.x",
+        "SET readonly = 0",
+        "USE system",
+        "OPTIMIZE TABLE events FINAL",
+        "",
+        " ; ",
+    ],
+)
+def test_guard_rejects(sql: str) -> None:
+    with pytest.raises(SQLRejected):
+        check_readonly_sql(sql, "skillgate")
+
+
+@pytest.mark.parametrize(
+    ("sql", "sent"),
+    [
+        ("SELECT count() FROM calls", "SELECT count() FROM calls"),
+        ("select * from skillgate.events FINAL limit 3;", None),
+        ("WITH x AS (SELECT 1 AS a) SELECT a FROM x", None),
+        ("(SELECT 1)", None),
+        ("SHOW TABLES", None),
+        ("SHOW CREATE TABLE calls", None),
+        ("DESCRIBE calls", None),
+        ("EXPLAIN SELECT 1", None),
+        ("SELECT 'system.tables', \"state\" FROM calls", None),
+        ("SELECT format('{} {}', 'a', 'b')", None),
+        ("SELECT $$system.one$$", None),
+        ("SELECT 1 -- FROM system.tables", "SELECT 1"),
+        ("SELECT 1; -- trailing", "SELECT 1"),
+        ("SELECT number FROM numbers(10)", None),
+    ],
+)
+def test_guard_accepts(sql: str, sent: str | None) -> None:
+    out = check_readonly_sql(sql, "skillgate")
+    assert out == (sent if sent is not None else sql.strip().rstrip(";"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The store on a real chDB
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[AuditStore]:
+    """A migrated store in tmp_path, closed afterwards (one chDB path per process at a time)."""
+    audit = AuditStore(ClickHouseSettings(url=f"chdb://{tmp_path / 'audit.chdb'}"), tmp_path)
+    try:
+        audit.migrate()
+        yield audit
+    finally:
+        audit.close()
+
+
+def _count(store: AuditStore, sql: str) -> int:
+    return int(store.query(sql).rows[0][0])
+
+
+def test_migrations_apply_once_and_refuse_edits(store: AuditStore, tmp_path: Path) -> None:
+    assert store.migrate() == []  # already applied by the fixture
+    versions = store.query("SELECT version FROM schema_migrations FINAL ORDER BY version").rows
+    assert versions == [[m.version] for m in load_migrations()]
+    tables = {r[0] for r in store.query("SHOW TABLES").rows}
+    assert {"events", "call_parts", "calls", "schema_migrations"} <= tables
+    edited = [Migration(1, "0001_initial", load_migrations()[0].sql + "\n-- edited\n")]
+    with pytest.raises(MigrationError):
+        store.migrate(edited)
+    extra = Migration(9999, "9999_test", "CREATE TABLE IF NOT EXISTS {db}.t (a Int8)\nENGINE = Memory;\n")
+    assert store.migrate([*load_migrations(), extra]) == [9999]
+
+
+def test_same_batch_twice_gives_one_row_per_event_and_one_call(store: AuditStore) -> None:
+    call_id = ev.new_call_id()
+    batch = [*call_flow(call_id), record(ev.DEAD_LETTER, dead_letter())]
+    first = store.insert_batch(batch)
+    again = store.insert_batch(batch)
+    assert (first.events, first.duplicates) == (5, 0)
+    assert (again.events, again.duplicates) == (0, 5)
+    assert _count(store, "SELECT count() FROM events") == 5
+    assert _count(store, "SELECT count() FROM events FINAL") == 5
+    one_call = f"SELECT count() FROM calls WHERE call_id = '{call_id}'"  # noqa: S608 (test ids)
+    assert _count(store, one_call) == 1
+
+    call = store.call_state(call_id)
+    assert call is not None
+    assert (call["subject"], call["username"], call["email"]) == ("user-1", "alice", IDENT["email"])
+    assert call["groups"] == ["dev", "ml"] and call["token_id"] == "jti-1"
+    assert (call["state"], call["status"], call["decision"]) == ("completed", 200, "allow")
+    assert call["request_body"] == '{"content":"[API_KEY_1] [EMAIL_1]"}'
+    assert orjson.loads(call["response_body"])["id"] == "msg_1"
+    assert (call["mode"], call["stream"], call["model"]) == ("async", False, "claude-test")
+    assert (call["attempts"], call["upstream_request_id"]) == (2, "req_b")
+    assert [a["status"] for a in orjson.loads(call["attempts_detail"])] == [529, 200]
+    assert (call["input_tokens"], call["output_tokens"], call["stop_reason"]) == (11, 3, "end_turn")
+    assert call["rule_ids"] == ["mask-secrets"] and call["bundle_version"] == "bundle-7"
+    assert call["masked_fingerprints"] == ["fp-secret"]
+    assert call["submitted_at"].timestamp() == T0 / 1e6
+    assert call["completed_at"].timestamp() == (T0 + 5000) / 1e6
+    assert call["error_type"] is None and call["error_message"] is None
+
+    # Never stored, anywhere in the database (every column of every row, as text); the masked
+    # record is, which shows the search itself works.
+    def rows_containing(table: str, needle: str) -> int:
+        where = f"position(formatRow('TSV', *), '{needle}') > 0"
+        return _count(store, f"SELECT count() FROM {table} WHERE {where}")  # noqa: S608
+
+    # (call_parts holds one row per inserted event until merges fold them.)
+    assert rows_containing("call_parts", "[EMAIL_1]") > 0
+    for forbidden in (SECRET, PII, CALLER_FACING, POISON):
+        assert rows_containing("events", forbidden) == 0, forbidden
+        assert rows_containing("call_parts", forbidden) == 0, forbidden
+
+
+def test_state_survives_out_of_order_events_and_approval(store: AuditStore) -> None:
+    call_id = ev.new_call_id()
+    held = decided(call_id, T0 + 100, decision="require_approval", record_body=b"{}", status=202)
+    released = decided(call_id, T0 + 900, decision="allow")
+    released["event_id"] = ev.derived_event_id(call_id, "decided-again")
+    # Terminal first, then the rest, across separate inserts.
+    store.insert_batch([record(ev.CALL_COMPLETED, completed(call_id))])
+    partial = store.call_state(call_id)
+    assert partial is not None and partial["state"] == "completed" and partial["subject"] == "user-1"
+    store.insert_batch(
+        [
+            record(ev.CALL_DECIDED, released),
+            record(ev.APPROVAL_DECIDED, approval_decided(call_id, T0 + 500)),
+            record(ev.CALL_DECIDED, held),
+            record(ev.CALL_SUBMITTED, submitted(call_id)),
+        ]
+    )
+    call = store.call_state(call_id)
+    assert call is not None
+    assert (call["state"], call["decision"], call["reason"]) == ("completed", "allow", "ok")
+    assert call["approval_decisions"] == ["approve:approver-9"]
+    assert call["subject"] == "user-1"  # the caller, not the approver
+
+
+def test_denied_and_failed_calls(store: AuditStore) -> None:
+    denied_id, failed_id = ev.new_call_id(), ev.new_call_id()
+    refusal = decided(denied_id, decision="deny", record_body=b'{"masked":true}', status=403)
+    store.insert_batch(
+        [
+            record(ev.CALL_SUBMITTED, submitted(denied_id)),
+            record(ev.CALL_DECIDED, refusal),
+            record(ev.CALL_SUBMITTED, submitted(failed_id)),
+            record(ev.CALL_DECIDED, decided(failed_id)),
+            record(ev.CALL_FAILED, failed(failed_id)),
+            record(ev.CALL_REPLY, reply(failed_id, terminal="failed")),
+        ]
+    )
+    denied = store.call_state(denied_id)
+    assert denied is not None
+    assert (denied["state"], denied["status"], denied["error_type"]) == (
+        "denied",
+        403,
+        "permission_error",
+    )
+    assert denied["error_message"] == "policy says deny"
+    assert denied["completed_at"] == denied["decided_at"]
+    assert denied["request_body"] == '{"masked":true}'
+    failure = store.call_state(failed_id)
+    assert failure is not None
+    assert (failure["state"], failure["status"], failure["error_type"]) == (
+        "failed",
+        529,
+        "overloaded_error",
+    )
+    assert failure["error_message"] == "upstream overloaded after 3 attempts"
+    assert "Overloaded" in failure["response_body"]
+    assert store.call_state("no-such-call") is None
+
+
+def test_analyst_query_limits_and_errors(store: AuditStore) -> None:
+    result = store.query("SELECT number, toString(number) AS s FROM numbers(100)", max_rows=7)
+    assert result.columns == ["number", "s"] and result.types == ["UInt64", "String"]
+    assert result.row_count == 7 and result.truncated
+    empty = store.query("SELECT call_id, state FROM calls WHERE 0")
+    assert empty.rows == [] and empty.columns == ["call_id", "state"]
+    assert empty.types == ["String", "String"]
+    with pytest.raises(StoreError, match="no_such_table"):
+        store.query("SELECT * FROM no_such_table")
+    with pytest.raises(SQLRejected):
+        store.query("SELECT * FROM system.one")
+    with pytest.raises(SQLRejected):
+        store.query("SELECT * FROM mergeTreeIndex('skillgate', 'events')")

@@ -27,15 +27,15 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -47,6 +47,7 @@ TOOLS: tuple[str, ...] = ("asyncio", "httpx", "wrk")
 WRK_SCRIPT = Path(__file__).with_name("wrk_post.lua")
 _ERROR_PAUSE_S = 0.01  # after a transport error, so a dead server is not hammered in a busy loop
 _DRAIN_S = 5.0  # longest wait for calls still in flight when the window closes
+_HOOK_LEAD_S = 0.05  # the window hook's begin() runs this long before the window opens
 
 
 @dataclass(frozen=True)
@@ -254,21 +255,26 @@ async def _drive(workers: list[_Worker], spec: LoadSpec, hook: WindowHook) -> Me
                 await asyncio.sleep(_ERROR_PAUSE_S)
 
     async def window() -> None:
-        await asyncio.sleep(max(0.0, t0 - time.perf_counter()))
+        # The hook may block the loop for a few ms (reading /proc): run it just before the
+        # window opens and just after it closes, so no counted call waits for it.
+        await asyncio.sleep(max(0.0, t0 - _HOOK_LEAD_S - time.perf_counter()))
         hook.begin()
+        await asyncio.sleep(max(0.0, t0 - time.perf_counter()))
         cpu[0] = time.process_time()
         await asyncio.sleep(max(0.0, t1 - time.perf_counter()))
         cpu[1] = time.process_time()
         hook.end()
 
     tasks = [asyncio.create_task(loop(w)) for w in workers]
-    await window()
-    _done, pending = await asyncio.wait(tasks, timeout=min(_DRAIN_S, spec.timeout_s))
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for worker in workers:
-        await worker.close()
+    try:
+        await window()
+        await asyncio.wait(tasks, timeout=min(_DRAIN_S, spec.timeout_s))
+    finally:  # also when the run is cancelled (SIGTERM, Ctrl-C)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for worker in workers:
+            await worker.close()
     return Measurement(
         successes=len(latencies),
         errors=errors,
@@ -394,7 +400,40 @@ def run_load(
     else:
         raise ValueError(f"unknown tool {tool!r} (choose from {', '.join(TOOLS)})")
     with asyncio.Runner(loop_factory=_new_loop) as runner:
-        return runner.run(factory(target, body, spec, hook))
+        return runner.run(_terminable(factory(target, body, spec, hook)))
+
+
+async def _terminable(run: Coroutine[Any, Any, Measurement]) -> Measurement:
+    """Await ``run``; SIGTERM cancels it cleanly and surfaces as ``KeyboardInterrupt``.
+
+    (Ctrl-C is handled by :class:`asyncio.Runner` itself.) The process's own SIGTERM handler is
+    put back afterwards.
+    """
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    terminated = False
+
+    def on_sigterm() -> None:
+        nonlocal terminated
+        terminated = True
+        if main is not None:
+            main.cancel()
+
+    previous = signal.getsignal(signal.SIGTERM)
+    installed = False
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        installed = True
+    try:
+        return await run
+    except asyncio.CancelledError:
+        if terminated:
+            raise KeyboardInterrupt("SIGTERM") from None
+        raise
+    finally:
+        if installed:
+            loop.remove_signal_handler(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, previous)
 
 
 def client_description(tool: str) -> str:
@@ -404,7 +443,7 @@ def client_description(tool: str) -> str:
         return f"wrk ({wrk}) with {WRK_SCRIPT.name}"
     if tool == "httpx":
         return f"httpx {httpx.__version__} AsyncClient, one pooled keep-alive connection per worker"
-    loop = "uvloop" if "uvloop" in sys.modules or _has_uvloop() else "asyncio"
+    loop = "uvloop" if _has_uvloop() else "asyncio"
     return f"{loop} + httptools {httptools.__version__}, one keep-alive connection per worker"
 
 

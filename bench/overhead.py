@@ -746,7 +746,7 @@ def write_json(
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM unwinds like Ctrl-C, so the stack is always stopped."""
+    """SIGTERM unwinds like Ctrl-C, so the stack is always stopped (see also ``loadgen``)."""
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -817,10 +817,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("stopping the stack ...", flush=True)
         stack.stop()
         logs = scan_logs(data_dir, run_from)
-        if config.keep_data or failure is not None:
+        interrupted = isinstance(failure, KeyboardInterrupt)
+        if config.keep_data or (failure is not None and not interrupted):
             print(f"data and logs kept in {data_dir}", flush=True)
         else:
             shutil.rmtree(data_dir, ignore_errors=True)
+    if isinstance(failure, KeyboardInterrupt):
+        print(f"\nbenchmark interrupted ({failure}); no results written", file=sys.stderr)
+        return 130
     if failure is not None:
         print(f"\nbenchmark FAILED: {type(failure).__name__}: {failure}", file=sys.stderr)
         for name, info in logs.items():

@@ -86,10 +86,10 @@ Try it (a dev token for alice, valid 1 h):
   export SKILLGATE_TOKEN=$(.venv/bin/skillgate token --user alice --groups eng)
   curl -s {url}/v1/messages -H "authorization: Bearer $SKILLGATE_TOKEN" \\
     -H 'anthropic-version: 2023-06-01' -H 'content-type: application/json' \\
-    -d '{{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{{"role":"user","content":"Hello"}}]}}'
+    -d '{{"model":"claude-sonnet-5-5","max_tokens":64,"messages":[{{"role":"user","content":"Hello"}}]}}'
 
   .venv/bin/python -c 'import anthropic, os; c = anthropic.Anthropic(base_url="{url}", \\
-    api_key=os.environ["SKILLGATE_TOKEN"]); print(c.messages.create(model="claude-sonnet-4-5", \\
+    api_key=os.environ["SKILLGATE_TOKEN"]); print(c.messages.create(model="claude-sonnet-5-5", \\
     max_tokens=64, messages=[{{"role": "user", "content": "Hello"}}]).content[0].text)'
 
   .venv/bin/skillgate sql "SELECT call_id, subject, state, status FROM calls ORDER BY submitted_at DESC LIMIT 5"
@@ -145,7 +145,8 @@ def _sql(args: argparse.Namespace) -> int:
     from services.recorder.cli import sql_command
     from skillgate.config import CommonSettings
 
-    token = args.token or os.environ.get("SKILLGATE_TOKEN") or _mint("cli", ["auditors"], 600)
+    # Not $SKILLGATE_TOKEN: that is the caller token of the examples, and SQL needs an auditor.
+    token = args.token or os.environ.get("SKILLGATE_AUDITOR_TOKEN") or _mint("cli", ["auditors"], 600)
     return sql_command(args.query, args.format, CommonSettings().recorder_url, token)
 
 
@@ -173,7 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     sql = sub.add_parser("sql", help="run a read-only SQL query against the audit store")
     sql.add_argument("query")
     sql.add_argument("--format", choices=["table", "json"], default="table")
-    sql.add_argument("--token", default=None, help="auditor token (default: $SKILLGATE_TOKEN or a dev token)")
+    sql.add_argument(
+        "--token",
+        default=None,
+        help="auditor token (default: $SKILLGATE_AUDITOR_TOKEN, else a token from the local dev issuer)",
+    )
     return parser
 
 

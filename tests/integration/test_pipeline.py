@@ -31,7 +31,7 @@ def client(stack: Stack, token: str) -> anthropic.Anthropic:
 def test_sdk_call_flows_and_is_recorded(stack: Stack, alice_token: str, auditor_token: str) -> None:
     marker = f"hello-{uuid.uuid4().hex}"
     raw = client(stack, alice_token).messages.with_raw_response.create(
-        model="claude-sonnet-4-5",
+        model="claude-sonnet-5-5",
         max_tokens=64,
         messages=[{"role": "user", "content": f"Say {marker}"}],
         extra_headers={"anthropic-beta": "some-future-beta-2099-01-01", "x-custom-thing": "kept"},

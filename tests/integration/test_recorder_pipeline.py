@@ -13,14 +13,13 @@ import io
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import orjson
 import pytest
-import uvicorn
 from aiokafka import AIOKafkaProducer
 from clickhouse_connect.driver.exceptions import OperationalError
 from joserfc import jwt
@@ -41,20 +40,22 @@ from skillgate.config import CommonSettings, KafkaSettings, OIDCSettings, RoleSe
 from skillgate.kafka import make_consumer, make_producer
 from skillgate.localkafka import free_port
 from skillgate.oidc import TokenVerifier
+from tests import factories
+from tests.servers import serve_asgi
 
 pytestmark = pytest.mark.integration
 
 T = TypeVar("T")
 ISSUER = "https://idp.test"
-CALLER: dict[str, Any] = {
-    "subject": "caller-1",
-    "issuer": ISSUER,
-    "username": "carol",
-    "email": "carol@example.com",
-    "groups": ["dev"],
-    "client_id": "sdk",
-    "token_id": "jti-c1",
-}
+CALLER = factories.identity(
+    subject="caller-1",
+    issuer=ISSUER,
+    username="carol",
+    email="carol@example.com",
+    groups=["dev"],
+    client_id="sdk",
+    token_id="jti-c1",
+)
 UNMASKED = "UNMASKED-SECRET-sk-ant-0000"
 
 
@@ -85,45 +86,32 @@ def _env(call_id: str, session_id: str, kind: str, t: int) -> dict[str, Any]:
     }
 
 
-def call_events(call_id: str, session_id: str) -> list[tuple[str, str, dict[str, Any]]]:
+def call_events(call_id: str, session_id: str) -> list[tuple[str, str, Mapping[str, Any]]]:
     """(topic suffix, event name, event) for submitted → decided → completed."""
     t = ev.now_micros()
-    common = {
-        "ingress_instance": "ingress-1",
-        "mode": "async",
-        "stream": False,
-        "reply_to": None,
-        "method": "POST",
-        "path": "/v1/messages",
-        "query": "",
-        "headers": {"anthropic-version": "2023-06-01"},
+    common: dict[str, Any] = {
+        "session_id": session_id,
+        "identity": CALLER,
+        "bundle_version": "bundle-1",
         "model": "claude-test",
-        "approval_id": None,
     }
-    submitted = {
-        **_env(call_id, session_id, "submitted", t),
+    submitted = factories.call_submitted(
+        call_id,
         **common,
-        "body": f'{{"messages":[{{"role":"user","content":"{UNMASKED}"}}]}}'.encode(),
-        "upstream": None,
-        "client_ip": "127.0.0.1",
-        "user_agent": "pytest",
-    }
-    decided = {
-        **_env(call_id, session_id, "decided", t + 1000),
+        time=t,
+        body=f'{{"messages":[{{"role":"user","content":"{UNMASKED}"}}]}}'.encode(),
+        client_ip="127.0.0.1",
+        user_agent="pytest",
+    )
+    decided = factories.call_decided(
+        call_id,
         **common,
-        "decision": "allow",
-        "reason": "allowed by default",
-        "rule_ids": ["mask-secrets"],
-        "tags": [],
-        "upstream": "anthropic",
-        "status": 0,
-        "error_type": None,
-        "body": b'{"messages":[{"role":"user","content":"[API_KEY_1]"}]}',
-        "record_body": None,
-        "masked": [],
-        "fail_open": False,
-        "submitted_at": t,
-    }
+        time=t + 1000,
+        rule_ids=["mask-secrets"],
+        upstream="anthropic",
+        body=b'{"messages":[{"role":"user","content":"[API_KEY_1]"}]}',
+        submitted_at=t,
+    )
     completed = {
         **_env(call_id, session_id, "completed", t + 2000),
         "upstream": "anthropic",
@@ -166,12 +154,8 @@ async def produce_call(producer: AIOKafkaProducer, kafka: KafkaSettings, call_id
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[AuditStore]:
     """A migrated chDB store in tmp_path, closed afterwards."""
-    audit = AuditStore(ClickHouseSettings(url=f"chdb://{tmp_path / 'audit.chdb'}"), tmp_path)
-    try:
-        audit.migrate()
+    with factories.audit_store(tmp_path) as audit:
         yield audit
-    finally:
-        audit.close()
 
 
 @pytest.fixture
@@ -359,27 +343,14 @@ class Issuer:
 
 @contextlib.asynccontextmanager
 async def api_server(store: AuditStore, issuer: Issuer) -> AsyncIterator[str]:
-    """The read API served by uvicorn on a free port; yields its base URL."""
-    port = free_port()
-    settings = RecorderSettings(port=port, sql_max_rows=50)
-    app = create_app(store, issuer.verifier, settings, RoleSettings())
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_config=None))
-    task = asyncio.create_task(server.serve())
-    base = f"http://127.0.0.1:{port}"
+    """The read API served by uvicorn on a free port (its own thread and loop); yields its base URL."""
+    app = create_app(store, issuer.verifier, RecorderSettings(sql_max_rows=50), RoleSettings())
     try:
-        async with httpx.AsyncClient(base_url=base) as client:
-
-            async def up() -> bool:
-                try:
-                    return (await client.get("/healthz")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await eventually(up)
-        yield base
+        with serve_asgi(
+            app, health_path="/healthz", name="recorder-api", deadline_s=30.0, log_config=None
+        ) as base:
+            yield base
     finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 30)
         await issuer.http.aclose()
 
 

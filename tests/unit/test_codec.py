@@ -39,6 +39,7 @@ from skillgate.events import (
     ReplyTo,
     UpstreamAttempt,
 )
+from tests import factories
 
 EVENT_NAMES = [
     events.CALL_SUBMITTED,
@@ -66,28 +67,16 @@ REQUEST_BODY = orjson.dumps(
         "betas": ["skills-2025-10-02"],
     }
 )
-RESPONSE_BODY = orjson.dumps(
-    {
-        "id": "msg_01XFDUDYJgAACzvnptvVoYEL",
-        "type": "message",
-        "role": "assistant",
-        "model": "claude-sonnet-4-5",
-        "content": [{"type": "text", "text": "Hallo ✓"}],
-        "stop_reason": "end_turn",
-        "usage": {"input_tokens": 25, "output_tokens": 7},
-    }
-)
+RESPONSE_BODY = factories.response_body("Hallo ✓", id="msg_01XFDUDYJgAACzvnptvVoYEL")
 
 
 # ------------------------------------------------------------------------------ events
 
 
 def _identity() -> Identity:
-    return Identity(
+    return factories.identity(
         subject="f3c2a1e0-7d7b-4c1e-9d63-2b8f1f0c9a11",
         issuer="https://idp.example.com/realms/acme",
-        username="ada",
-        email="ada@example.com",
         groups=["approvers", "ml-platform"],
         client_id="skillgate-cli",
         token_id="jti-8c1d",
@@ -146,49 +135,39 @@ def _env(kind: str, identity: Identity | None = None) -> events.Envelope:
     )
 
 
+def _call_fields() -> dict[str, Any]:
+    """Envelope and request fields a submitted and a decided call share here."""
+    return {
+        "session_id": SESSION_ID,
+        "identity": _identity(),
+        "bundle_version": BUNDLE,
+        "ingress_instance": "ingress-7f9c",
+        "reply_to": _reply_to(),  # so mode "sync"
+        "body": REQUEST_BODY,
+    }
+
+
 def _submitted() -> CallSubmitted:
-    return CallSubmitted(
-        **_env("submitted"),
-        ingress_instance="ingress-7f9c",
-        mode="sync",
-        stream=False,
-        reply_to=_reply_to(),
-        method="POST",
-        path="/v1/messages",
+    return factories.call_submitted(
+        CALL_ID,
+        **_call_fields(),
         query="beta=true",
         headers={"anthropic-version": "2023-06-01", "anthropic-beta": "skills-2025-10-02,files-api"},
-        body=REQUEST_BODY,
-        model="claude-sonnet-4-5",
-        upstream=None,
         client_ip="10.1.2.3",
         user_agent="Anthropic/Python 0.69.0",
-        approval_id=None,
     )
 
 
 def _decided() -> CallDecided:
-    return CallDecided(
-        **_env("decided"),
-        decision="allow",
+    return factories.call_decided(
+        CALL_ID,
+        **_call_fields(),
         reason=f"allowed by default in bundle {BUNDLE}",
         rule_ids=["secrets.aws"],
         tags=["masked"],
-        upstream="default",
-        status=0,
-        error_type=None,
-        ingress_instance="ingress-7f9c",
-        mode="sync",
         stream=True,
-        reply_to=_reply_to(),
-        method="POST",
-        path="/v1/messages",
-        query="",
-        headers={"anthropic-version": "2023-06-01"},
-        model="claude-sonnet-4-5",
-        body=REQUEST_BODY,
         record_body=REQUEST_BODY.replace(b"bitte", b"[MASKED]"),
         masked=_masked(),
-        fail_open=False,
         submitted_at=events.now_micros() - 3_000,
         approval_id="apr_77",
     )
@@ -485,48 +464,56 @@ def test_v2_directory_is_really_a_new_version(codec: AvroCodec, v2_dir: Path) ->
         v2.decode(codec.encode(events.CALL_COMPLETED, _completed()))
 
 
-def _assert_v1_read_as_v2(v2: AvroCodec, v1_data: bytes, event: dict[str, Any]) -> None:
-    name, record = v2.decode(v1_data, expected=events.CALL_COMPLETED)
+def _assert_v2_reads_v1(v1: AvroCodec, v2: AvroCodec) -> None:
+    """A CallCompleted written by ``v1`` reads back through ``v2``, the new field defaulted."""
+    event = _event(events.CALL_COMPLETED)
+    name, record = v2.decode(v1.encode(events.CALL_COMPLETED, event), expected=events.CALL_COMPLETED)
     assert name == events.CALL_COMPLETED
     assert record == event | {"service_tier": "standard"}
+
+
+def _assert_v1_reads_v2(v1: AvroCodec, v2: AvroCodec) -> None:
+    """A CallCompleted written by ``v2`` reads back through ``v1``, the new field ignored."""
+    event = _event(events.CALL_COMPLETED)
+    data = v2.encode(events.CALL_COMPLETED, event | {"service_tier": "priority"})
+    name, record = v1.decode(data, expected=events.CALL_COMPLETED)
+    assert name == events.CALL_COMPLETED
+    assert "service_tier" not in record
+    assert record == event
+
+
+def _history(schemas: Path) -> Path:
+    """The (new, empty) ``history/`` folder of a schema directory, where old writers go."""
+    history = schemas / "history"
+    history.mkdir()
+    return history
 
 
 def test_old_events_readable_after_upgrade_register_writer(codec: AvroCodec, v2_dir: Path) -> None:
     """(a) v1 events stay readable by a v2 codec that registered the v1 writer (self-contained)."""
     v2 = AvroCodec(directory=v2_dir)
-    event = _event(events.CALL_COMPLETED)
-    v1_data = codec.encode(events.CALL_COMPLETED, event)
-    fp = v2.register_writer(_self_contained(codec.schema(events.CALL_COMPLETED)))
-    assert fp == v1_data[2:10]
-    _assert_v1_read_as_v2(v2, v1_data, event)
+    v1_fp = codec.encode(events.CALL_COMPLETED, _completed())[2:10]
+    assert v2.register_writer(_self_contained(codec.schema(events.CALL_COMPLETED))) == v1_fp
+    _assert_v2_reads_v1(codec, v2)
 
 
 def test_old_events_readable_after_upgrade_history_folder(codec: AvroCodec, v2_dir: Path) -> None:
     """(a) the same through ``schemas/history/``, with the v1 schema kept self-contained."""
-    history = v2_dir / "history"
-    history.mkdir()
-    (history / "skillgate.events.CallCompleted.v1.avsc").write_text(
+    (_history(v2_dir) / "skillgate.events.CallCompleted.v1.avsc").write_text(
         json.dumps(_self_contained(codec.schema(events.CALL_COMPLETED)))
     )
-    v2 = AvroCodec(directory=v2_dir)
-    event = _event(events.CALL_COMPLETED)
-    _assert_v1_read_as_v2(v2, codec.encode(events.CALL_COMPLETED, event), event)
+    _assert_v2_reads_v1(codec, AvroCodec(directory=v2_dir))
 
 
 def test_new_events_readable_by_old_reader(v2_dir: Path) -> None:
     """(b) a v1 reader that registered the v2 writer reads v2 events, the new field ignored."""
     v2 = AvroCodec(directory=v2_dir)
     v1 = AvroCodec()
-    event = _event(events.CALL_COMPLETED)
-    v2_data = v2.encode(events.CALL_COMPLETED, event | {"service_tier": "priority"})
+    v2_data = v2.encode(events.CALL_COMPLETED, _event(events.CALL_COMPLETED) | {"service_tier": "priority"})
     with pytest.raises(CodecError, match="unknown schema fingerprint"):
         v1.decode(v2_data)
-    fp = v1.register_writer(_self_contained(v2.schema(events.CALL_COMPLETED)))
-    assert fp == v2_data[2:10]
-    name, record = v1.decode(v2_data, expected=events.CALL_COMPLETED)
-    assert name == events.CALL_COMPLETED
-    assert "service_tier" not in record
-    assert record == event
+    assert v1.register_writer(_self_contained(v2.schema(events.CALL_COMPLETED))) == v2_data[2:10]
+    _assert_v1_reads_v2(v1, v2)
 
 
 _REGISTER_RAW_BUG = (
@@ -544,21 +531,14 @@ def test_register_writer_of_an_avsc_file_gives_the_wire_fingerprint(codec: AvroC
 
 def test_old_events_readable_with_the_old_avsc_file_in_history(codec: AvroCodec, v2_dir: Path) -> None:
     """(a) as an operator would do it: copy the old ``.avsc`` file into ``schemas/history/``."""
-    history = v2_dir / "history"
-    history.mkdir()
-    shutil.copy(schema_dir() / f"{NAMESPACE}.CallCompleted.avsc", history / "CallCompleted.v1.avsc")
-    v2 = AvroCodec(directory=v2_dir)
-    event = _event(events.CALL_COMPLETED)
-    _assert_v1_read_as_v2(v2, codec.encode(events.CALL_COMPLETED, event), event)
+    shutil.copy(schema_dir() / f"{NAMESPACE}.CallCompleted.avsc", _history(v2_dir) / "CallCompleted.v1.avsc")
+    _assert_v2_reads_v1(codec, AvroCodec(directory=v2_dir))
 
 
 def test_new_events_readable_by_old_reader_registering_the_v2_avsc(v2_dir: Path) -> None:
-    v2 = AvroCodec(directory=v2_dir)
     v1 = AvroCodec()
-    event = _event(events.CALL_COMPLETED)
     v1.register_writer(_v2_raw())
-    _, record = v1.decode(v2.encode(events.CALL_COMPLETED, event | {"service_tier": "priority"}))
-    assert record == event
+    _assert_v1_reads_v2(v1, AvroCodec(directory=v2_dir))
 
 
 # -------------------------------------------------------------------- poison values

@@ -7,9 +7,7 @@ RS256 signature, claim checks), the same path ingress uses against a real IdP.
 from __future__ import annotations
 
 import base64
-import socket
 import stat
-import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,8 +17,8 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import uvicorn
 from pydantic import SecretStr
+from starlette.types import ASGIApp
 
 from services.dev_issuer.app import create_app
 from services.dev_issuer.config import DEFAULT_CLIENT_ID, DevClient, DevIssuerSettings
@@ -39,7 +37,7 @@ from services.dev_issuer.main import CLI_CLIENT_ID, client_secret_command, token
 from skillgate.config import OIDCSettings
 from skillgate.events import Identity
 from skillgate.oidc import AuthError, TokenVerifier
-from tests.conftest import wait_for
+from tests.servers import serve_asgi
 
 CI_CLIENT = "ci-job"
 CI_SECRET = "ci-job-secret"
@@ -55,53 +53,39 @@ class RunningIssuer:
     key_dir: Path
 
 
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/healthz", timeout=2.0).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
 @contextmanager
 def serve_issuer(key_dir: Path) -> Iterator[RunningIssuer]:
     """Serve the dev issuer on a free 127.0.0.1 port until the block ends.
 
-    The listening socket is bound here and handed to uvicorn, so no other process can take the
-    port between choosing and binding it.
+    Its settings name the port, so the app is built once :func:`serve_asgi` has bound it. Served
+    as the CLI serves it: uvloop, httptools, no access log, logging left alone.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = int(sock.getsockname()[1])
-    settings = DevIssuerSettings(
-        host="127.0.0.1",
-        port=port,
-        key_dir=key_dir,
-        clients={
-            CI_CLIENT: DevClient(secret=SecretStr(CI_SECRET), groups=["ci", "eng"]),
-            DEFAULT_CLIENT_ID: DevClient(groups=["ci"]),
-        },
-    )
-    config = uvicorn.Config(
-        create_app(settings),
+    settings: DevIssuerSettings | None = None
+
+    def app_for(port: int) -> ASGIApp:
+        nonlocal settings
+        settings = DevIssuerSettings(
+            host="127.0.0.1",
+            port=port,
+            key_dir=key_dir,
+            clients={
+                CI_CLIENT: DevClient(secret=SecretStr(CI_SECRET), groups=["ci", "eng"]),
+                DEFAULT_CLIENT_ID: DevClient(groups=["ci"]),
+            },
+        )
+        return create_app(settings)
+
+    with serve_asgi(
+        app_factory=app_for,
+        health_path="/healthz",
+        name="dev-issuer",
+        deadline_s=30.0,
         loop="uvloop",
         http="httptools",
-        access_log=False,
         log_config=None,
-        lifespan="off",
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = settings.issuer_url
-    try:
-        wait_for(lambda: server.started or not thread.is_alive(), timeout=30.0)
-        assert server.started, "dev issuer did not start"
-        wait_for(lambda: _healthy(url), timeout=30.0)
+    ) as url:
+        assert settings is not None and settings.issuer_url == url
         yield RunningIssuer(url=url, settings=settings, key_dir=key_dir)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30.0)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

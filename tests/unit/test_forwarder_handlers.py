@@ -24,68 +24,29 @@ from skillgate.events import (
     CallDecided,
     CallFailed,
     CallReply,
-    Identity,
     ReplyTo,
     UpstreamAttempt,
 )
+from tests import factories
 
 CODEC = AvroCodec()
 BUNDLE = "default@2026.11.21-1"
 REPLY_TO = ReplyTo(topic="skillgate.calls.replies", partition=2, instance="ingress-1")
-OK_BODY = orjson.dumps(
-    {
-        "id": "msg_1",
-        "type": "message",
-        "role": "assistant",
-        "model": "claude-sonnet-4-5-20250929",
-        "content": [{"type": "text", "text": "hi"}],
-        "stop_reason": "max_tokens",
-        "usage": {"input_tokens": 31, "output_tokens": 16, "cache_read_input_tokens": 0},
-    }
+OK_BODY = factories.response_body(
+    "hi",
+    model="claude-sonnet-4-5-20250929",
+    stop_reason="max_tokens",
+    usage={"input_tokens": 31, "output_tokens": 16, "cache_read_input_tokens": 0},
 )
 RECORD_BODY = OK_BODY.replace(b'"hi"', b'"[MASKED]"')
 
 
-def _identity() -> Identity:
-    return Identity(
-        subject="user-1",
-        issuer="https://idp.example.com",
-        username="ada",
-        email=None,
-        groups=["ml"],
-        client_id="cli",
-        token_id=None,
-    )
-
-
 def _decided(reply_to: ReplyTo | None = REPLY_TO, call_id: str | None = None) -> CallDecided:
-    call_id = call_id or events.new_call_id()
-    return CallDecided(
-        **events.envelope(
-            call_id, "sess-1", _identity(), BUNDLE, event_id=events.derived_event_id(call_id, "decided")
-        ),
-        decision="allow",
-        reason="allowed by default",
-        rule_ids=[],
-        tags=[],
-        upstream="default",
-        status=0,
-        error_type=None,
-        ingress_instance="ingress-1",
-        mode="sync" if reply_to else "async",
-        stream=False,
+    return factories.call_decided(
+        call_id,
+        identity=factories.identity(email=None, token_id=None),
+        bundle_version=BUNDLE,
         reply_to=reply_to,
-        method="POST",
-        path="/v1/messages",
-        query="",
-        headers={"anthropic-version": "2023-06-01"},
-        model="claude-sonnet-4-5",
-        body=b'{"model":"claude-sonnet-4-5"}',
-        record_body=None,
-        masked=[],
-        fail_open=False,
-        submitted_at=events.now_micros() - 5_000,
-        approval_id=None,
     )
 
 

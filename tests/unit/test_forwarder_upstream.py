@@ -6,17 +6,14 @@ where the key goes.
 from __future__ import annotations
 
 import socket
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-import uvicorn
 from pydantic import SecretStr
 
 from services.forwarder.config import ForwarderSettings, UpstreamConfig
@@ -29,53 +26,19 @@ from services.forwarder.upstream import (
 )
 from services.stub_upstream.app import create_app
 from services.stub_upstream.config import StubSettings
+from tests.servers import serve_asgi
 
 KEY = "k"
-STARTUP_DEADLINE_S = 15.0
 PATH = "/v1/messages"
 
 
 # ------------------------------------------------------------------------------ server
 
 
-def _wait_healthy(base_url: str, thread: threading.Thread) -> None:
-    deadline = time.monotonic() + STARTUP_DEADLINE_S
-    while time.monotonic() < deadline:
-        if not thread.is_alive():
-            raise RuntimeError("the stub server thread died during startup")
-        try:
-            response = httpx.get(f"{base_url}/_stub/health", timeout=1.0)
-            if response.status_code == 200 and response.json() == {"ok": True}:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.01)  # poll interval; readiness is the health answer
-    raise TimeoutError(f"stub at {base_url} not healthy within {STARTUP_DEADLINE_S}s")
-
-
-@contextmanager
-def _serve(settings: StubSettings) -> Iterator[str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(settings), log_level="warning", access_log=False, lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="stub")
-    thread.start()
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(base_url, thread)
-        yield base_url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def stub_url() -> Iterator[str]:
-    with _serve(StubSettings(api_key=SecretStr(KEY))) as base_url:
+    app = create_app(StubSettings(api_key=SecretStr(KEY)))
+    with serve_asgi(app, health_path="/_stub/health", name="stub") as base_url:
         yield base_url
 
 

@@ -26,7 +26,8 @@ from services.ingress.handlers import (
 from skillgate import events
 from skillgate.codec import AvroCodec
 from skillgate.errors import GatewayError
-from skillgate.events import Identity, ReplyTo
+from skillgate.events import ReplyTo
+from tests import factories
 
 SECRET = "SECRET-eyJhbGciOiJSUzI1NiJ9.caller-token-7f3a9c"
 VALID_BODY = {
@@ -273,18 +274,6 @@ def test_session_refuses_a_trailing_newline() -> None:
 # -------------------------------------------------------------------- the event
 
 
-def _identity() -> Identity:
-    return Identity(
-        subject="user-123",
-        issuer="https://idp.example.com/realms/acme",
-        username="ada",
-        email="ada@example.com",
-        groups=["ml"],
-        client_id="cli",
-        token_id="jti-1",
-    )
-
-
 def test_build_submitted_never_carries_the_callers_token() -> None:
     call_id = events.new_call_id()
     body = orjson.dumps(VALID_BODY)
@@ -305,7 +294,7 @@ def test_build_submitted_never_carries_the_callers_token() -> None:
     event = build_submitted(
         call_id=call_id,
         session_id="sess-1",
-        identity=_identity(),
+        identity=factories.identity(),
         instance="ingress-a",
         mode="sync",
         stream=False,
@@ -332,7 +321,7 @@ def test_build_submitted_never_carries_the_callers_token() -> None:
     assert event["event_id"] == events.derived_event_id(call_id, "submitted")
     assert event["call_id"] == call_id
     assert event["session_id"] == "sess-1"
-    assert event["identity"] == _identity()
+    assert event["identity"] == factories.identity()
     assert event["bundle_version"] is None
     assert event["method"] == "POST"
     assert event["path"] == "/v1/messages"
@@ -351,21 +340,7 @@ def test_build_submitted_is_idempotent_on_the_call_id() -> None:
     call_id = events.new_call_id()
 
     def build() -> events.CallSubmitted:
-        return build_submitted(
-            call_id=call_id,
-            session_id=call_id,
-            identity=_identity(),
-            instance="i",
-            mode="async",
-            stream=True,
-            reply_to=None,
-            path="/v1/messages",
-            query="",
-            headers={},
-            body=b"{}",
-            model="m",
-            client_ip=None,
-        )
+        return build_submitted(**{**_kwargs(), "call_id": call_id, "session_id": call_id, "stream": True})
 
     first, second = build(), build()
     assert first["event_id"] == second["event_id"]
@@ -378,7 +353,7 @@ def _kwargs() -> dict[str, Any]:
     return {
         "call_id": "c",
         "session_id": "s",
-        "identity": _identity(),
+        "identity": factories.identity(),
         "instance": "i",
         "mode": "async",
         "stream": False,

@@ -11,7 +11,6 @@ import hashlib
 import hmac
 import io
 import logging
-import socket
 import threading
 import time
 import uuid
@@ -20,10 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import orjson
 import pytest
-import uvicorn
 from joserfc import jwt
 from joserfc.jwk import RSAKey
 from starlette.applications import Starlette
@@ -34,8 +31,8 @@ from starlette.routing import Route
 from skillgate.config import OIDCSettings
 from skillgate.logs import JsonFormatter, call_context
 from skillgate.oidc import AuthError, TokenVerifier, bearer_from_headers
+from tests.servers import serve_asgi
 
-STARTUP_DEADLINE_S = 15.0
 AUDIENCE = "skillgate"
 
 
@@ -181,33 +178,10 @@ STRANGER = _rsa("k-stranger")
 
 @contextmanager
 def _serve_issuer(issuer: Issuer) -> Iterator[str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    issuer.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(
-        uvicorn.Config(issuer.app(), log_level="warning", access_log=False, lifespan="off")
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="idp")
-    thread.start()
-    try:
-        deadline = time.monotonic() + STARTUP_DEADLINE_S
-        while True:
-            if not thread.is_alive():
-                raise RuntimeError("the issuer thread died during startup")
-            try:
-                if httpx.get(f"{issuer.url}/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("test issuer not ready")
-            time.sleep(0.01)  # poll interval; readiness is the health answer
-        yield issuer.url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    """Serve ``issuer`` until the block ends, its ``url`` set before the block runs."""
+    with serve_asgi(issuer.app(), health_path="/health", name="idp") as url:
+        issuer.url = url
+        yield url
 
 
 @pytest.fixture(scope="module")

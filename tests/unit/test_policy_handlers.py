@@ -14,8 +14,9 @@ import pytest
 from services.policy.handlers import decide, decided_event, failure_events, refusal_reply
 from skillgate import events
 from skillgate.codec import AvroCodec
-from skillgate.events import CallSubmitted, Identity, ReplyTo
+from skillgate.events import CallSubmitted, ReplyTo
 from skillgate.policy.bundle import DEFAULT_BUNDLE, Bundle, BundleError, load_bundle, parse_bundle
+from tests import factories
 
 CODEC = AvroCodec()
 REPLY_TO = ReplyTo(topic="skillgate.calls.replies", partition=0, instance="ingress-1")
@@ -29,40 +30,15 @@ BODY = orjson.dumps(
 )
 
 
-def _identity() -> Identity:
-    return Identity(
-        subject="user-9",
-        issuer="https://idp.example.com",
-        username="grace",
-        email="grace@example.com",
-        groups=["ml"],
-        client_id="sdk",
-        token_id="jti-9",
-    )
-
-
 def _submitted(
     reply_to: ReplyTo | None = REPLY_TO, body: bytes = BODY, upstream: str | None = None
 ) -> CallSubmitted:
-    call_id = events.new_call_id()
-    return CallSubmitted(
-        **events.envelope(
-            call_id, "sess-7", _identity(), None, event_id=events.derived_event_id(call_id, "submitted")
-        ),
-        ingress_instance="ingress-1",
-        mode="sync" if reply_to else "async",
-        stream=False,
+    return factories.call_submitted(
+        session_id="sess-7",
         reply_to=reply_to,
-        method="POST",
-        path="/v1/messages",
-        query="",
         headers={"anthropic-version": "2023-06-01", "x-foo": "bar"},
         body=body,
-        model="claude-sonnet-4-5",
         upstream=upstream,
-        client_ip="10.0.0.1",
-        user_agent="sdk/1",
-        approval_id=None,
     )
 
 

@@ -27,6 +27,7 @@ from services.recorder.store import (
 )
 from skillgate import events as ev
 from skillgate.codec import default_codec
+from tests import factories
 
 T0 = 1_795_000_000_000_000  # 2026-11-18, microseconds
 SECRET = "sk-ant-api03-SECRETSECRET"
@@ -34,15 +35,9 @@ PII = "alice.private@example.com"
 CALLER_FACING = "CALLER-FACING-REPLY"
 POISON = "RAW-POISON-VALUE"
 
-IDENT: dict[str, Any] = {
-    "subject": "user-1",
-    "issuer": "http://idp.test",
-    "username": "alice",
-    "email": "alice@example.com",
-    "groups": ["dev", "ml"],
-    "client_id": "cli",
-    "token_id": "jti-1",
-}
+IDENT = factories.identity(
+    issuer="http://idp.test", username="alice", email="alice@example.com", groups=["dev", "ml"]
+)
 
 
 def _env(call_id: str, kind: str, t: int, identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -56,27 +51,18 @@ def _env(call_id: str, kind: str, t: int, identity: Mapping[str, Any] | None = N
     }
 
 
-def submitted(call_id: str, t: int = T0) -> dict[str, Any]:
+def submitted(call_id: str, t: int = T0) -> ev.CallSubmitted:
     """A CallSubmitted whose unmasked body holds a secret and PII."""
     body = {"model": "claude-test", "messages": [{"role": "user", "content": f"{SECRET} {PII}"}]}
-    return {
-        **_env(call_id, "submitted", t),
-        "bundle_version": None,
-        "ingress_instance": "ingress-1",
-        "mode": "async",
-        "stream": False,
-        "reply_to": None,
-        "method": "POST",
-        "path": "/v1/messages",
-        "query": "",
-        "headers": {"anthropic-version": "2023-06-01"},
-        "body": orjson.dumps(body),
-        "model": "claude-test",
-        "upstream": None,
-        "client_ip": "127.0.0.1",
-        "user_agent": "pytest",
-        "approval_id": None,
-    }
+    return factories.call_submitted(
+        call_id,
+        identity=IDENT,
+        time=t,
+        body=orjson.dumps(body),
+        model="claude-test",
+        client_ip="127.0.0.1",
+        user_agent="pytest",
+    )
 
 
 def decided(
@@ -85,30 +71,26 @@ def decided(
     decision: str = "allow",
     record_body: bytes | None = b'{"content":"[API_KEY_1] [EMAIL_1]"}',
     status: int = 0,
-) -> dict[str, Any]:
+) -> ev.CallDecided:
     """A CallDecided: the upstream body still holds PII (allowed to the model), the record not."""
     allowed = decision == "allow"
-    return {
-        **_env(call_id, f"decided-{decision}", t),
-        "decision": decision,
-        "reason": "ok" if allowed else f"policy says {decision}",
-        "rule_ids": ["mask-secrets"] if allowed else ["block-x"],
-        "tags": ["pii"],
-        "upstream": "anthropic",
-        "status": status,
-        "error_type": None if allowed else "permission_error",
-        "ingress_instance": "ingress-1",
-        "mode": "async",
-        "stream": False,
-        "reply_to": None,
-        "method": "POST",
-        "path": "/v1/messages",
-        "query": "",
-        "headers": {"anthropic-version": "2023-06-01"},
-        "model": "claude-test",
-        "body": f'{{"content":"[API_KEY_1] {PII}"}}'.encode() if allowed else None,
-        "record_body": record_body,
-        "masked": [
+    return factories.call_decided(
+        call_id,
+        event_id=ev.derived_event_id(call_id, f"decided-{decision}"),
+        identity=IDENT,
+        bundle_version="bundle-7",
+        time=t,
+        decision=decision,
+        reason="ok" if allowed else f"policy says {decision}",
+        rule_ids=["mask-secrets"] if allowed else ["block-x"],
+        tags=["pii"],
+        upstream="anthropic",
+        status=status,
+        error_type=None if allowed else "permission_error",
+        model="claude-test",
+        body=f'{{"content":"[API_KEY_1] {PII}"}}'.encode() if allowed else None,
+        record_body=record_body,
+        masked=[
             {
                 "type": "AWS_ACCESS_KEY",
                 "placeholder": "[API_KEY_1]",
@@ -119,10 +101,8 @@ def decided(
                 "scope": "upstream",
             }
         ],
-        "fail_open": False,
-        "submitted_at": T0,
-        "approval_id": None,
-    }
+        submitted_at=T0,
+    )
 
 
 def completed(call_id: str, t: int = T0 + 5000) -> dict[str, Any]:
@@ -223,7 +203,7 @@ def approval_decided(call_id: str, t: int, decision: str = "approve") -> dict[st
     }
 
 
-def record(name: str, event: dict[str, Any], offset: int = 0) -> SourceRecord:
+def record(name: str, event: Mapping[str, Any], offset: int = 0) -> SourceRecord:
     """A SourceRecord as the consumer builds it: the event after an Avro round trip."""
     codec = default_codec()
     decoded_name, decoded = codec.decode(codec.encode(name, event))
@@ -423,12 +403,8 @@ def test_guard_accepts(sql: str, sent: str | None) -> None:
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[AuditStore]:
     """A migrated store in tmp_path, closed afterwards (one chDB path per process at a time)."""
-    audit = AuditStore(ClickHouseSettings(url=f"chdb://{tmp_path / 'audit.chdb'}"), tmp_path)
-    try:
-        audit.migrate()
+    with factories.audit_store(tmp_path) as audit:
         yield audit
-    finally:
-        audit.close()
 
 
 def _count(store: AuditStore, sql: str) -> int:
@@ -527,24 +503,18 @@ def test_denied_and_failed_calls(store: AuditStore) -> None:
             record(ev.CALL_REPLY, reply(failed_id, terminal="failed")),
         ]
     )
-    denied = store.call_state(denied_id)
-    assert denied is not None
-    assert (denied["state"], denied["status"], denied["error_type"]) == (
-        "denied",
-        403,
-        "permission_error",
-    )
-    assert denied["error_message"] == "policy says deny"
+    denied, failure = store.call_state(denied_id), store.call_state(failed_id)
+    assert denied is not None and failure is not None
+    outcome = ("state", "status", "error_type", "error_message")
+    assert [denied[k] for k in outcome] == ["denied", 403, "permission_error", "policy says deny"]
     assert denied["completed_at"] == denied["decided_at"]
     assert denied["request_body"] == '{"masked":true}'
-    failure = store.call_state(failed_id)
-    assert failure is not None
-    assert (failure["state"], failure["status"], failure["error_type"]) == (
+    assert [failure[k] for k in outcome] == [
         "failed",
         529,
         "overloaded_error",
-    )
-    assert failure["error_message"] == "upstream overloaded after 3 attempts"
+        "upstream overloaded after 3 attempts",
+    ]
     assert "Overloaded" in failure["response_body"]
     assert store.call_state("no-such-call") is None
 

@@ -8,18 +8,14 @@ what the SDK hides: SSE framing, headers, error bodies and the ``/_stub`` contro
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import anthropic
 import httpx
 import pytest
-import uvicorn
 from anthropic.types import MessageParam, TextBlock, ThinkingBlock, ToolUseBlock
 from pydantic import SecretStr
 
@@ -36,11 +32,12 @@ from services.stub_upstream.handlers import (
     parse_status_list,
     stream_events,
 )
+from tests.servers import serve_asgi
 
 MODEL = "claude-stub-test"
 CHUNK = 8
 STUB_KEY = "stub-secret-key"
-STARTUP_DEADLINE_S = 15.0
+HEALTH_PATH = "/_stub/health"
 #: Event-loop timers may fire a millisecond or so early; timing asserts keep this margin.
 TIMER_SLACK = 0.9
 
@@ -48,56 +45,19 @@ TIMER_SLACK = 0.9
 # ------------------------------------------------------------------------------ server
 
 
-def _wait_healthy(base_url: str, thread: threading.Thread) -> None:
-    """Poll ``/_stub/health`` until it answers ``{"ok": true}``; fail past the deadline."""
-    deadline = time.monotonic() + STARTUP_DEADLINE_S
-    while time.monotonic() < deadline:
-        if not thread.is_alive():
-            raise RuntimeError("the stub server thread died during startup")
-        try:
-            response = httpx.get(f"{base_url}/_stub/health", timeout=1.0)
-            if response.status_code == 200 and response.json() == {"ok": True}:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.01)  # poll interval, not synchronisation: readiness is the health answer
-    raise TimeoutError(f"stub at {base_url} not healthy within {STARTUP_DEADLINE_S}s")
-
-
-@contextmanager
-def _serve(settings: StubSettings) -> Iterator[str]:
-    """Run the stub under uvicorn in a thread on a socket bound here (no port race)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(settings), log_level="warning", access_log=False, lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="stub-upstream"
-    )
-    thread.start()
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(base_url, thread)
-        yield base_url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def stub_url() -> Iterator[str]:
     """A stub accepting any API key, splitting streamed text into 8-character deltas."""
-    with _serve(StubSettings(stream_chunk_chars=CHUNK)) as base_url:
+    app = create_app(StubSettings(stream_chunk_chars=CHUNK))
+    with serve_asgi(app, health_path=HEALTH_PATH, name="stub-upstream") as base_url:
         yield base_url
 
 
 @pytest.fixture(scope="module")
 def keyed_stub_url() -> Iterator[str]:
     """A stub that only accepts ``STUB_KEY``."""
-    with _serve(StubSettings(api_key=SecretStr(STUB_KEY))) as base_url:
+    app = create_app(StubSettings(api_key=SecretStr(STUB_KEY)))
+    with serve_asgi(app, health_path=HEALTH_PATH, name="stub-upstream") as base_url:
         yield base_url
 
 

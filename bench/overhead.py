@@ -4,7 +4,7 @@ Starts the whole local stack (real Kafka, dev OIDC issuer, stub upstream at 0 ms
 forwarder, recorder) as :class:`services.cli.stack.Stack` does for ``make run``, then, for each
 concurrency level, runs the same closed-loop load twice with the same client, body and durations:
 
-* **direct**: ``POST /v1/messages`` straight to the stub (``x-api-key``): the floor of what this
+* **direct**: ``POST /v1/messages`` straight to the stub (``x-api-key``): the baseline of what this
   machine, this client and the stub can do;
 * **skillgate**: the same call through the ingress with a dev-issuer token, so it is
   authenticated, decided by policy, forwarded, answered over Kafka and recorded.
@@ -57,6 +57,8 @@ TARGET_P50_OVERHEAD_MS = 10.0
 TARGET_P50_LEVEL = 1
 TARGET_P99_MS = 60.0
 TARGET_P99_LEVEL = 32
+
+OTHER_CPU_WARN_PCT = 20.0  # other processes using this much of a core disturb a 2-core benchmark
 
 
 # ----------------------------------------------------------------------------------- configuration
@@ -576,9 +578,6 @@ def render_table(results: Sequence[LevelResult]) -> str:
     lines.append("-+-".join("-" * w for w in widths))
     lines += [" | ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     return "\n".join(lines)
-
-
-OTHER_CPU_WARN_PCT = 20.0  # other processes using this much of a core disturb a 2-core benchmark
 
 
 def _cpu_line(cpu: CpuUsage, summary: Summary) -> str:

@@ -345,7 +345,7 @@ class ForwarderService:
         terminal, reply = handlers.outcome_events(decided, result, result.body, result.body)
         state = "completed" if "latency_ms" in terminal else "failed"
         await self._finish(tp.partition, decided, terminal, reply, state)
-        log.info("call forwarded", extra={"status": result.status, "attempts": len(result.attempts)})
+        log.debug("call forwarded", extra={"status": result.status, "attempts": len(result.attempts)})
 
     async def _finish(
         self,

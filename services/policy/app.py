@@ -156,7 +156,7 @@ class PolicyService:
             decided = handlers.decided_event(submitted, bundle, verdict)
         await self._decided.send(key=session_key, value=self.codec.encode(CALL_DECIDED, decided))
         EVENTS_PRODUCED.labels("policy", topics.DECIDED).inc()
-        log.info(
+        log.debug(
             "call decided",
             extra={
                 "decision": decided["decision"],

@@ -16,6 +16,9 @@ from skillgate.metrics import serve
 
 def run(policy: PolicySettings | None = None, kafka: KafkaSettings | None = None) -> None:
     """Create topics if needed, then run the faust worker until SIGINT/SIGTERM."""
+    import uvloop
+
+    uvloop.install()  # faust creates its loops lazily: they become uvloop loops
     policy = policy or PolicySettings()
     kafka = kafka or KafkaSettings()
     level = CommonSettings().log_level

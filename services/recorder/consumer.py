@@ -118,7 +118,17 @@ class RecorderConsumer:
         self._producer = make_producer(self._kafka)
         await self._producer.start()
         self._deadletterer = DeadLetterer(self._producer, self._kafka, SERVICE, self._codec)
-        self._consumer = make_consumer(self._kafka, self._settings.group_id, *sorted(self._suffix))
+        # The recorder inserts in batches anyway, so let the broker accumulate data for up to a
+        # batch interval instead of answering a fetch per message: at low rates one fetch per
+        # message across every partition of every topic cost more CPU (here and in the broker)
+        # than the inserts.
+        self._consumer = make_consumer(
+            self._kafka,
+            self._settings.group_id,
+            *sorted(self._suffix),
+            fetch_min_bytes=256 * 1024,
+            fetch_max_wait_ms=max(10, int(self._settings.batch_max_seconds * 1000)),
+        )
         try:
             await self._consumer.start()
         except BaseException:

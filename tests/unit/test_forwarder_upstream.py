@@ -5,6 +5,7 @@ where the key goes.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 import uuid
@@ -356,3 +357,28 @@ async def test_connect_errors_are_retried_then_answered() -> None:
     assert [a["status"] for a in result.attempts] == [0, 0, 200]
     assert [a["error"] for a in result.attempts] == ["ConnectError", "ConnectError", None]
     assert all(r.headers["x-api-key"] == KEY for r in seen)
+
+
+async def test_server_hanging_up_after_the_request_is_not_retried() -> None:
+    """The request reached the upstream, which hung up without answering: it may have processed
+    it, so a retry could make a second upstream call. One attempt only, error named for what
+    happened (the aiohttp transport maps this to httpx.ConnectTimeout, which must not fool us)."""
+    received: list[bytes] = []
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    ups = Upstreams(_settings(f"http://127.0.0.1:{port}"))
+    try:
+        result = await ups.call("default", "POST", PATH, "", _base_headers(), _request(_marker()))
+    finally:
+        await ups.close()
+        server.close()
+        await server.wait_closed()
+    assert len(received) == 1
+    assert result.status == 0 and len(result.attempts) == 1
+    assert result.attempts[0]["error"] == "ServerDisconnected"
+    assert result.error is not None and "did not answer" in result.error

@@ -1,6 +1,9 @@
 # skillgate — two commands: `make run` (the local stack) and `make test` (lint, types, unit, integration).
 # Both install what they need on a fresh machine: .venv/ (Python deps pinned in requirements.lock)
 # and the Kafka jars (resolved from Maven Central by deploy/kafka/pom.xml on first start).
+# The integration tests also fetch Keycloak (deploy/keycloak/pom.xml, ~177 MB once, cached in
+# .cache/keycloak/) and run it with a Java 21+ JDK (found under /usr/lib/jvm, or
+# SKILLGATE_KEYCLOAK_JAVA_HOME); see tests/integration/keycloak.py.
 
 PYTHON ?= python3
 VENV := .venv

@@ -69,7 +69,8 @@ class OIDCSettings(BaseSettings):
     audience: str = Field("skillgate", description="Required `aud` of callers' tokens.")
     groups_claim: str = Field(
         "groups",
-        description="Dotted path of the groups claim, e.g. `groups` or `realm_access.roles`.",
+        description="Dotted path of the groups claim, e.g. `groups` or `realm_access.roles`; several "
+        "comma-separated paths are merged (e.g. `groups,scp` so that machine callers' scopes count too).",
     )
     algorithms: list[str] = Field(
         default_factory=lambda: ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"],
@@ -79,7 +80,13 @@ class OIDCSettings(BaseSettings):
     jwks_refresh_min_interval_seconds: float = Field(
         30.0, description="At most one JWKS refresh per interval when tokens carry unknown key ids."
     )
-    jwks_max_age_seconds: float = Field(3600.0, description="JWKS are re-fetched after this age.")
+    jwks_max_age_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="JWKS are re-fetched after this age: the longest a key removed at the IdP "
+        "(say, after a compromise) keeps verifying tokens here. A failed re-fetch keeps the last "
+        "known keys and is retried.",
+    )
     max_token_bytes: int = Field(16384, description="Longer bearer tokens are refused unparsed.")
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
@@ -29,17 +29,24 @@ def claim_at(claims: Mapping[str, Any], path: str) -> Any:
     return node
 
 
+def groups_from_claims(claims: Mapping[str, Any], groups_claim: str = "groups") -> list[str]:
+    """Group names from one or more comma-separated dotted claim paths (``groups,scp``), merged.
+
+    Each claim may hold a list or a single string. A path-like name (Keycloak's full group path
+    ``/org/approvers``) counts as its last segment: the name is what role mapping uses.
+    """
+    names: set[str] = set()
+    for path in (p.strip() for p in groups_claim.split(",")):
+        raw = claim_at(claims, path) if path else None
+        values = [raw] if isinstance(raw, str) else raw if isinstance(raw, list | tuple) else []
+        names.update(str(v).rsplit("/", 1)[-1] for v in values if isinstance(v, str | int))
+    names.discard("")
+    return sorted(names)
+
+
 def identity_from_claims(claims: Mapping[str, Any], groups_claim: str = "groups") -> Identity:
     """Build the event identity from verified claims (never from the token string)."""
-    raw_groups = claim_at(claims, groups_claim)
-    groups: list[str]
-    if isinstance(raw_groups, str):
-        groups = [raw_groups]
-    elif isinstance(raw_groups, Iterable):
-        # Keycloak's group claim carries paths such as "/approvers"; the name is what matters.
-        groups = sorted({str(g).rsplit("/", 1)[-1] for g in raw_groups if str(g)})
-    else:
-        groups = []
+    groups = groups_from_claims(claims, groups_claim)
 
     def opt(key: str) -> str | None:
         value = claims.get(key)
@@ -51,7 +58,9 @@ def identity_from_claims(claims: Mapping[str, Any], groups_claim: str = "groups"
         username=opt("preferred_username"),
         email=opt("email"),
         groups=groups,
-        client_id=opt("azp") or opt("client_id"),
+        # The OAuth client: `azp` (OIDC; Keycloak, Entra v2), `client_id` (RFC 9068; Keycloak's
+        # service accounts), `cid` (Okta), `appid` (Entra v1 tokens).
+        client_id=opt("azp") or opt("client_id") or opt("cid") or opt("appid"),
         token_id=opt("jti"),
     )
 

@@ -20,6 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
+from skillgate.maven import copy_dependencies
+
 log = logging.getLogger(__name__)
 
 KAFKA_VERSION = "4.3.1"
@@ -83,24 +85,8 @@ def ensure_jars() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if marker.exists():
             return lib
-        mvn = shutil.which("mvn")
-        if mvn is None:
-            raise RuntimeError("Maven (mvn) is needed to fetch Kafka from Maven Central")
         log.info("fetching Apache Kafka %s from Maven Central", KAFKA_VERSION)
-        subprocess.run(
-            [
-                mvn,
-                "-q",
-                "-B",
-                "-Dstyle.color=never",
-                "-f",
-                str(POM),
-                "dependency:copy-dependencies",
-                f"-DoutputDirectory={lib}",
-                f"-Dkafka.version={KAFKA_VERSION}",
-            ],
-            check=True,
-        )
+        copy_dependencies(POM, lib, {"kafka.version": KAFKA_VERSION})
         marker.touch()
     return lib
 

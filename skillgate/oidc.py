@@ -55,6 +55,15 @@ class TokenVerifier:
     ``jwks_refresh_min_interval_seconds`` so a flood of tokens with random kids cannot hammer the
     IdP. Verified tokens are cached (keyed by a hash, never the token) until their expiry or the
     next JWKS change, whichever comes first.
+
+    Key removal: the JWKS is re-read once it is older than ``jwks_max_age_seconds`` (checked on
+    every request, before the verified-token cache, so a cached token cannot outlive the key that
+    signed it), and a change of key set clears that cache. A key the IdP stopped publishing
+    therefore stops verifying within ``jwks_max_age_seconds`` of its removal. That refresh is
+    not held back by the unknown-kid rate limit; when it fails while keys are already known, the
+    last known keys stay in use (logged) and the refresh is retried after
+    ``min(jwks_refresh_min_interval_seconds, jwks_max_age_seconds)``, so an IdP outage does not
+    take the gateway down with it.
     """
 
     def __init__(self, settings: OIDCSettings, http: httpx.AsyncClient | None = None) -> None:
@@ -89,21 +98,27 @@ class TokenVerifier:
             self._jwks_uri = str(doc["jwks_uri"])
         return self._jwks_uri
 
-    async def refresh(self, force: bool = False) -> None:
-        """Fetch the JWKS (rate-limited unless ``force``)."""
+    async def refresh(self, force: bool = False, min_interval: float | None = None) -> None:
+        """Fetch the JWKS, at most once per ``min_interval`` seconds unless ``force``.
+
+        ``min_interval`` defaults to ``jwks_refresh_min_interval_seconds``. Raises
+        :class:`httpx.HTTPError` when the IdP cannot be reached and :class:`RuntimeError` when it
+        answers something that is not a usable discovery document or key set.
+        """
+        interval = self._settings.jwks_refresh_min_interval_seconds if min_interval is None else min_interval
         async with self._lock:
             now = time.monotonic()
-            if (
-                not force
-                and now - self._last_refresh_attempt < self._settings.jwks_refresh_min_interval_seconds
-            ):
+            if not force and now - self._last_refresh_attempt < interval:
                 return
             self._last_refresh_attempt = now
             uri = await self._discover()
             resp = await self._http.get(uri)
             resp.raise_for_status()
-            data = resp.json()
-            keys = KeySet.import_key_set(data)
+            try:
+                data = resp.json()
+                keys = KeySet.import_key_set(data)
+            except (ValueError, TypeError, KeyError, JoseError) as exc:
+                raise RuntimeError(f"unreadable JWKS at {uri}: {type(exc).__name__}") from exc
             kids = {str(k.get("kid")) for k in data.get("keys", []) if k.get("kid")}
             if kids != self._kids:
                 self._cache.clear()  # a removed key must not keep its tokens valid
@@ -114,17 +129,51 @@ class TokenVerifier:
         """Load discovery and keys up front so the first call is not slow."""
         await self.refresh(force=True)
 
+    async def _refresh_if_stale(self) -> None:
+        """Re-read the JWKS when it is older than ``jwks_max_age_seconds`` (see the class doc)."""
+        s = self._settings
+        if self._keys is None:
+            await self.refresh(force=True)  # nothing to fall back on: an IdP failure is the caller's
+            return
+        if time.monotonic() - self._fetched_at <= s.jwks_max_age_seconds:
+            return
+        try:
+            await self.refresh(min_interval=min(s.jwks_refresh_min_interval_seconds, s.jwks_max_age_seconds))
+        except (httpx.HTTPError, RuntimeError) as exc:
+            log.warning(
+                "JWKS refresh failed; verifying with the last known keys",
+                extra={
+                    "error": type(exc).__name__,
+                    "keys_age_seconds": round(time.monotonic() - self._fetched_at),
+                },
+            )
+
+    def _cached(self, digest: bytes, now: float) -> Identity | None:
+        cached = self._cache.get(digest)
+        if cached is not None and cached[1] > now:
+            self._cache.move_to_end(digest)
+            return cached[0]
+        return None
+
+    def _keys_stale(self) -> bool:
+        return self._keys is None or time.monotonic() - self._fetched_at > self._settings.jwks_max_age_seconds
+
     async def verify(self, token: str) -> Identity:
-        """Verify a bearer token and return the caller's identity, or raise :class:`AuthError`."""
+        """Verify a bearer token and return the caller's identity, or raise :class:`AuthError`.
+
+        Cheap refusals (size, shape, algorithm) come before any network work, so junk tokens
+        cannot make the verifier call the IdP. A cached verdict is used only while the key set is
+        fresh: a stale one is re-read first, which drops the cache when a key went away.
+        """
         s = self._settings
         if not token or len(token) > s.max_token_bytes:
             raise AuthError("token missing or oversized")
         digest = hashlib.sha256(token.encode()).digest()
         now = time.time()
-        cached = self._cache.get(digest)
-        if cached is not None and cached[1] > now:
-            self._cache.move_to_end(digest)
-            return cached[0]
+        if not self._keys_stale():
+            hit = self._cached(digest, now)
+            if hit is not None:
+                return hit
         parts = token.split(".")
         if len(parts) != 3:
             raise AuthError("not a compact JWS")
@@ -135,11 +184,18 @@ class TokenVerifier:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg in _FORBIDDEN_ALGS or alg not in s.algorithms:
             raise AuthError(f"algorithm not allowed: {alg!r}")
+        if self._keys_stale():
+            await self._refresh_if_stale()
+            hit = self._cached(digest, now)  # still valid if the key set did not change
+            if hit is not None:
+                return hit
         kid = header.get("kid")
-        if self._keys is None or time.monotonic() - self._fetched_at > s.jwks_max_age_seconds:
-            await self.refresh(force=self._keys is None)
         if kid is not None and str(kid) not in self._kids:
-            await self.refresh()
+            try:
+                await self.refresh()
+            except (httpx.HTTPError, RuntimeError) as exc:
+                # Keys are known: an IdP outage must not turn a forged kid into a 503.
+                log.warning("JWKS refresh for an unknown kid failed", extra={"error": type(exc).__name__})
             if str(kid) not in self._kids:
                 raise AuthError("unknown signing key")
         assert self._keys is not None

@@ -57,6 +57,9 @@ class Stack:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     kafka: LocalKafka | None = None
     stub_key: str = field(default_factory=lambda: "sk-stub-" + secrets.token_hex(16))
+    #: An external OIDC issuer (Keycloak, Okta, Entra ID...) to trust instead of the dev issuer,
+    #: which is then not started; tokens come from that IdP, not from :meth:`token`.
+    issuer_override: str | None = None
 
     @property
     def ingress_url(self) -> str:
@@ -65,7 +68,9 @@ class Stack:
 
     @property
     def issuer_url(self) -> str:
-        """The dev OIDC issuer."""
+        """The OIDC issuer the services trust: ``issuer_override``, else the dev issuer."""
+        if self.issuer_override is not None:
+            return self.issuer_override
         return f"http://127.0.0.1:{self.ports.dev_issuer}"
 
     @property
@@ -143,10 +148,12 @@ class Stack:
         if self.kafka_bootstrap is None:
             self.kafka = LocalKafka(self.data_dir / "kafka", port=self.ports.kafka)
             self.kafka.start()
-        self._spawn("dev-issuer", "dev-issuer")
+        if self.issuer_override is None:
+            self._spawn("dev-issuer", "dev-issuer")
         if self.use_stub:
             self._spawn("stub-upstream", "stub-upstream")
-        self._wait_http("dev-issuer", f"{self.issuer_url}/.well-known/openid-configuration")
+        issuer = "dev-issuer" if self.issuer_override is None else "issuer"
+        self._wait_http(issuer, f"{self.issuer_url}/.well-known/openid-configuration")
         if self.use_stub:
             self._wait_http("stub-upstream", f"{self.stub_url}/_stub/health")
         for name in SERVICES:
@@ -181,6 +188,8 @@ class Stack:
 
     def token(self, user: str, groups: list[str], expires_in: int = 3600) -> str:
         """A token from this stack's dev issuer (signed with its key files)."""
+        if self.issuer_override is not None:
+            raise RuntimeError("this stack trusts an external issuer: get tokens from that IdP")
         from services.dev_issuer.config import DevIssuerSettings
         from services.dev_issuer.main import token_command
 

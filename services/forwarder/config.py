@@ -58,9 +58,10 @@ class ForwarderSettings(BaseSettings):
     connect_timeout_seconds: float = Field(10.0, description="Connect timeout to the upstream.")
     read_timeout_seconds: float = Field(600.0, description="Read timeout for one upstream response.")
     claims_window_seconds: float = Field(
-        6 * 3600.0,
-        description="How far back the forwarder remembers claimed calls (redelivered decisions are "
-        "recognised within it; must exceed how long a decision can wait to be redelivered).",
+        1800.0,
+        description="How long finished calls are remembered, so a decision that policy re-emits "
+        "(after a policy restart) is recognised. Unfinished claims are always kept, and a replica "
+        "taking over a partition reads claims from its committed offset on, however old.",
     )
     commit_interval_seconds: float = Field(0.2, description="How often finished offsets are committed.")
     metrics_host: str = Field("127.0.0.1", description="Address of the /metrics endpoint.")

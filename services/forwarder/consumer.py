@@ -125,7 +125,15 @@ class ForwarderService:
         self.completed_topic = topics.name(kafka, topics.COMPLETED)
         self.failed_topic = topics.name(kafka, topics.FAILED)
         self.producer: AIOKafkaProducer = make_producer(kafka)
-        self.consumer: AIOKafkaConsumer = make_consumer(kafka, settings.group_id, fetch_max_wait_ms=50)
+        # on_revoked drains in-flight calls (up to the read timeout) before giving partitions up;
+        # the group must wait for that rather than evict this member and hand its calls to a
+        # replica that would find them claimed and fail them.
+        self.consumer: AIOKafkaConsumer = make_consumer(
+            kafka,
+            settings.group_id,
+            fetch_max_wait_ms=50,
+            rebalance_timeout_ms=int((settings.read_timeout_seconds + 60) * 1000),
+        )
         self.tracker = OffsetTracker()
         # call id → (state, monotonic time), per partition of calls.decided
         self.claims: dict[int, dict[str, tuple[str, float]]] = {}
@@ -134,6 +142,10 @@ class ForwarderService:
         self._stopping = asyncio.Event()
         self.deadletter: DeadLetterer | None = None
         self.fatal: BaseException | None = None
+        # Calls this process is forwarding right now (claims loaded from the changelog that are
+        # not here were interrupted by a crash).
+        self.in_flight: dict[str, asyncio.Future[None]] = {}
+        self._pruned_at = time.monotonic()
         self._loading: dict[int, asyncio.Future[dict[str, tuple[str, float]]]] = {}
 
     async def start(self) -> None:
@@ -203,6 +215,11 @@ class ForwarderService:
             tp = TopicPartition(self.claims_topic, partition)
             reader.assign([tp])
             since_ms = int((time.time() - self.settings.claims_window_seconds) * 1000)
+            anchor = await self._committed_time(partition)
+            if anchor is not None:
+                # Every decision that can be redelivered lies at or after the committed offset,
+                # and its claim was written after it: start there, however long ago (a long outage).
+                since_ms = min(since_ms, anchor - 60_000)
             found = await reader.offsets_for_times({tp: since_ms})
             start = found.get(tp)
             if start is not None:
@@ -222,6 +239,23 @@ class ForwarderService:
         finally:
             await reader.stop()
         return state
+
+    async def _committed_time(self, partition: int) -> int | None:
+        """Timestamp (ms) of the first decision not yet committed in ``partition``, if any."""
+        tp = TopicPartition(self.decided_topic, partition)
+        committed = await self.consumer.committed(tp)
+        if committed is None:
+            return None
+        reader = make_consumer(self.kafka, None, fetch_max_wait_ms=50)
+        await reader.start()
+        try:
+            reader.assign([tp])
+            reader.seek(tp, committed)
+            batch = await reader.getmany(tp, timeout_ms=1000, max_records=1)
+            records = batch.get(tp, [])
+            return int(records[0].timestamp) if records else None
+        finally:
+            await reader.stop()
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -267,11 +301,16 @@ class ForwarderService:
             log.warning("commit failed", extra={"error": type(exc).__name__})
 
     def _prune_claims(self) -> None:
-        horizon = time.monotonic() - self.settings.claims_window_seconds
+        """Forget finished calls older than the window (unfinished claims are kept: they decide
+        what a redelivered decision may do). Runs at most once a minute."""
+        now = time.monotonic()
+        if now - self._pruned_at < 60:
+            return
+        self._pruned_at = now
+        horizon = now - self.settings.claims_window_seconds
         for part in self.claims.values():
-            if part and next(iter(part.values()))[1] < horizon:
-                for call_id in [c for c, (_, t) in part.items() if t < horizon]:
-                    del part[call_id]
+            for call_id in [c for c, (state, t) in part.items() if state == "done" and t < horizon]:
+                del part[call_id]
 
     async def _handle(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
         try:
@@ -301,6 +340,14 @@ class ForwarderService:
         call_id = decided["call_id"]
         call_context.set((call_id, decided["session_id"]))
         claims = await self._claims_of(tp.partition)
+        original = self.in_flight.get(call_id)
+        if original is not None:
+            # A duplicate (policy re-decided after a restart) of a call this replica is forwarding
+            # right now: it must neither call again nor end the call; it is finished (and its
+            # offset committable) once the original is.
+            DUPLICATES.labels("in_flight").inc()
+            await asyncio.shield(original)
+            return
         known = claims.get(call_id)
         if known is not None and known[0] == "done":
             DUPLICATES.labels("done").inc()
@@ -314,6 +361,19 @@ class ForwarderService:
             return
         # Claim synchronously (before any await) so a duplicate in the same batch sees it.
         claims[call_id] = ("claimed", time.monotonic())
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.in_flight[call_id] = done
+        try:
+            await self._forward(tp, decided, claims)
+        finally:
+            del self.in_flight[call_id]
+            done.set_result(None)
+
+    async def _forward(
+        self, tp: TopicPartition, decided: CallDecided, claims: dict[str, tuple[str, float]]
+    ) -> None:
+        """Claim durably, call the upstream once, publish the outcome."""
+        call_id = decided["call_id"]
         await self.producer.send_and_wait(
             self.claims_topic,
             self.codec.encode(FORWARDER_CLAIM, handlers.claim_event(decided, "claimed")),

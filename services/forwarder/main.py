@@ -39,14 +39,18 @@ async def serve_forever(settings: ForwarderSettings, kafka: KafkaSettings) -> No
             loop.add_signal_handler(sig, stop.set)
     runner = asyncio.create_task(service.run())
     stopper = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    if runner in done:
-        runner.result()  # surface a crash
+    await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
     log.info("forwarder stopping")
     runner.cancel()
+    stopper.cancel()
     with contextlib.suppress(asyncio.CancelledError):
+        crash = runner.exception() if runner.done() and not runner.cancelled() else None
         await runner
+    # Always drain: calls already sent upstream finish and are recorded, even when the loop
+    # crashed; the crash is raised afterwards (exit code 1) so a supervisor restarts us.
     await service.stop()
+    if crash is not None:
+        raise crash
 
 
 def run(settings: ForwarderSettings | None = None, kafka: KafkaSettings | None = None) -> None:

@@ -15,7 +15,9 @@ Anthropic shape and every response carries a ``request-id`` header.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import re
 from collections.abc import Mapping
 from datetime import date, datetime
 from decimal import Decimal
@@ -310,7 +312,10 @@ def create_app(
             "audit query",
             extra={
                 "subject": identity["subject"],
-                "query": body.query[:2000],
+                # The query's shape, not its text: string literals are where an auditor puts
+                # the leaked value being searched for, and logs must never hold it in clear.
+                "query": re.sub(r"'(?:[^'\\]|\\.|'')*'", "'…'", body.query)[:2000],
+                "query_sha256": hashlib.sha256(body.query.encode()).hexdigest(),
                 "row_count": result.row_count,
                 "elapsed_ms": result.elapsed_ms,
             },

@@ -5,6 +5,7 @@ With ``SKILLGATE_KAFKA_BOOTSTRAP`` set, the tests use that cluster instead of st
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -46,23 +47,60 @@ async def kafka_settings(kafka_bootstrap: str) -> AsyncIterator[KafkaSettings]:
 @pytest.fixture(scope="session")
 def stack(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The whole skillgate stack (stub upstream) on the session broker, with its own topics."""
-    data_dir = Path(tmp_path_factory.mktemp("stack"))
-    s = Stack(
-        data_dir=data_dir,
-        ports=StackPorts.free(),
-        kafka_bootstrap=kafka_bootstrap,
-        topic_prefix=f"s{uuid.uuid4().hex[:8]}.",
-        extra_env={
+    yield from _session_stack(
+        tmp_path_factory,
+        kafka_bootstrap,
+        "s",
+        {
             "SKILLGATE_INGRESS_MAX_BODY_BYTES": str(256 * 1024),
             "SKILLGATE_FORWARDER_BACKOFF_INITIAL_SECONDS": "0.05",
-            "SKILLGATE_LOG_LEVEL": "INFO",
         },
+    )
+
+
+def _session_stack(
+    tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, letter: str, env: dict[str, str]
+) -> Iterator[Stack]:
+    """Start a stack on the session broker with its own topic prefix and data dir; stop it after."""
+    s = Stack(
+        data_dir=Path(tmp_path_factory.mktemp(f"{letter}-stack")),
+        ports=StackPorts.free(),
+        kafka_bootstrap=kafka_bootstrap,
+        topic_prefix=f"{letter}{uuid.uuid4().hex[:8]}.",
+        extra_env={"SKILLGATE_LOG_LEVEL": "INFO", **env},
     )
     try:
         s.start()
         yield s
     finally:
         s.stop()
+
+
+#: Groups whose members may call Claude on :func:`identity_stack` (everyone else gets 403).
+IDENTITY_CALLER_GROUPS = ["callers"]
+
+
+@pytest.fixture(scope="session")
+def identity_stack(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A second stack for the identity tests, with settings the shared stack must not have.
+
+    - ``SKILLGATE_ROLES_CALLER_GROUPS=["callers"]``: calling Claude needs a group, so the 403
+      path runs for real.
+    - ``SKILLGATE_OIDC_JWKS_MAX_AGE_SECONDS=1``: a key removed from the dev issuer's JWKS stops
+      verifying within a second, so the key-removal attack runs in test time (production default
+      300 s; see docs/operations.md, "Identity providers").
+    - Its own dev-issuer key directory: the attack suite rotates and removes signing keys, which
+      would invalidate every token the shared stack's tests hold.
+    """
+    yield from _session_stack(
+        tmp_path_factory,
+        kafka_bootstrap,
+        "i",
+        {
+            "SKILLGATE_ROLES_CALLER_GROUPS": json.dumps(IDENTITY_CALLER_GROUPS),
+            "SKILLGATE_OIDC_JWKS_MAX_AGE_SECONDS": "1",
+        },
+    )
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from services.cli.stack import Stack
 from skillgate import topics
+from skillgate.codec import default_codec
 from skillgate.config import KafkaSettings
 from skillgate.kafka import make_consumer, make_producer
 from tests.conftest import wait_for
@@ -96,3 +97,21 @@ async def read_topics(kafka: KafkaSettings, suffixes: list[str]) -> list[Consume
 def stack_kafka(stack: Stack) -> KafkaSettings:
     """Kafka settings of the running stack (its broker and topic prefix)."""
     return KafkaSettings(bootstrap=stack.env()["SKILLGATE_KAFKA_BOOTSTRAP"], topic_prefix=stack.topic_prefix)
+
+
+async def redeliver_decision(stack: Stack, call_id: str) -> None:
+    """Produce the call's CallDecided event again, byte for byte, as a restarted policy would."""
+    kafka = stack_kafka(stack)
+    decided = topics.name(kafka, topics.DECIDED)
+    found = None
+    for record in await read_topics(kafka, [topics.DECIDED]):
+        _, event = default_codec().decode(record.value)
+        if event["call_id"] == call_id:
+            found = record
+    assert found is not None, f"no decision for {call_id} on {decided}"
+    producer = make_producer(kafka)
+    await producer.start()
+    try:
+        await producer.send_and_wait(decided, found.value, key=found.key)
+    finally:
+        await producer.stop()

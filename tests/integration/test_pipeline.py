@@ -16,9 +16,15 @@ import pytest
 from services.cli.stack import Stack
 from skillgate import topics
 from skillgate.codec import default_codec
-from skillgate.kafka import make_consumer, make_producer
 from tests.conftest import wait_for
-from tests.integration.helpers import metric, read_topics, recorded_call, stack_kafka, stub_requests
+from tests.integration.helpers import (
+    metric,
+    read_topics,
+    recorded_call,
+    redeliver_decision,
+    stack_kafka,
+    stub_requests,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -111,33 +117,9 @@ def test_redelivered_decision_is_not_forwarded_again(stack: Stack, alice_token: 
     call_id = raw.headers["x-skillgate-call-id"]
     assert len(stub_requests(stack, marker)) == 1
 
-    kafka = stack_kafka(stack)
-    decided_topic = topics.name(kafka, topics.DECIDED)
     duplicates_before = metric(stack.ports.forwarder_metrics, "skillgate_forwarder_duplicates_total")
 
-    async def redeliver() -> None:
-        consumer = make_consumer(kafka, None, decided_topic)
-        await consumer.start()
-        found = None
-        try:
-            while found is None:
-                batch = await consumer.getmany(timeout_ms=2000)
-                assert batch, "decided event not found"
-                for records in batch.values():
-                    for rec in records:
-                        _, event = default_codec().decode(rec.value)
-                        if event["call_id"] == call_id:
-                            found = rec
-        finally:
-            await consumer.stop()
-        producer = make_producer(kafka)
-        await producer.start()
-        try:
-            await producer.send_and_wait(decided_topic, found.value, key=found.key)
-        finally:
-            await producer.stop()
-
-    asyncio.run(redeliver())
+    asyncio.run(redeliver_decision(stack, call_id))
     wait_for(
         lambda: (
             metric(stack.ports.forwarder_metrics, "skillgate_forwarder_duplicates_total") > duplicates_before

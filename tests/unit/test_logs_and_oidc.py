@@ -6,6 +6,7 @@ RSA keys from joserfc, so discovery, key fetching, signature and claim checks al
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -29,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from skillgate.config import OIDCSettings
+from skillgate.identity import groups_from_claims, identity_from_claims
 from skillgate.logs import JsonFormatter, call_context
 from skillgate.oidc import AuthError, TokenVerifier, bearer_from_headers
 from tests.servers import serve_asgi
@@ -140,6 +142,7 @@ class Issuer:
 
     keys: list[RSAKey]
     url: str = ""
+    jwks_status: int = 200  # set to 5xx to play an IdP outage
     jwks_requests: int = 0
     discovery_requests: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -154,6 +157,9 @@ class Issuer:
             with self.lock:
                 self.jwks_requests += 1
                 keys = [k.as_dict(private=False) for k in self.keys]
+                status = self.jwks_status
+            if status != 200:
+                return JSONResponse({"error": "unavailable"}, status_code=status)
             return JSONResponse({"keys": keys})
 
         async def health(request: Request) -> Response:
@@ -266,6 +272,46 @@ async def test_valid_token_gives_the_identity_with_groups_from_a_dotted_claim(
     assert identity["client_id"] == "skillgate-cli"
     assert identity["token_id"] == claims["jti"]
     assert identity["groups"] == ["approvers", "ml", "offline_access"]
+
+
+@pytest.mark.parametrize(
+    ("claims", "client_id"),
+    [
+        ({"azp": "skillgate-cli", "client_id": "other"}, "skillgate-cli"),  # OIDC azp wins
+        ({"client_id": "ci-bot"}, "ci-bot"),  # RFC 9068, Keycloak service accounts
+        ({"cid": "0oa1okta"}, "0oa1okta"),  # Okta
+        ({"appid": "3f2c-entra-v1"}, "3f2c-entra-v1"),  # Entra ID v1 access tokens
+        ({}, None),
+    ],
+)
+def test_client_id_from_the_claim_each_idp_uses(claims: dict[str, Any], client_id: str | None) -> None:
+    """Machine callers are recorded with their OAuth client, whichever claim the IdP puts it in."""
+    identity = identity_from_claims({"sub": "s", "iss": "https://idp", **claims})
+    assert identity["client_id"] == client_id
+
+
+@pytest.mark.parametrize(
+    ("claims", "path", "groups"),
+    [
+        ({"groups": ["b", "a", "a"]}, "groups", ["a", "b"]),
+        ({"groups": "solo"}, "groups", ["solo"]),
+        ({"groups": ["/org/eng/callers", "/auditors"]}, "groups", ["auditors", "callers"]),
+        ({"realm_access": {"roles": ["admins"]}}, "realm_access.roles", ["admins"]),
+        # several paths merge: Okta users' groups and a service app's scopes
+        (
+            {"groups": ["eng"], "scp": ["skillgate.call", "openid"]},
+            "groups, scp",
+            ["eng", "openid", "skillgate.call"],
+        ),
+        ({"scp": ["skillgate.call"]}, "groups,scp", ["skillgate.call"]),
+        ({"groups": {"not": "a list"}}, "groups", []),
+        ({"groups": [None, "", {"x": 1}, "ok"]}, "groups", ["ok"]),
+        ({}, "groups,,realm_access.roles", []),
+    ],
+)
+def test_groups_from_one_or_more_claim_paths(claims: dict[str, Any], path: str, groups: list[str]) -> None:
+    """The configured claim path(s) give sorted, de-duplicated group names; junk gives none."""
+    assert groups_from_claims(claims, path) == groups
 
 
 async def test_groups_claim_default_and_missing(issuer: Issuer) -> None:
@@ -388,6 +434,61 @@ async def test_a_rotated_in_key_is_picked_up_by_one_refresh() -> None:
             assert identity["subject"] == "8d3f-user"
             assert state.jwks_requests == 2
             assert state.discovery_requests == 1  # discovery is read once
+        finally:
+            await v.close()
+
+
+async def _until_refused(verifier: TokenVerifier, token: str, deadline_s: float = 10.0) -> str:
+    """Verify ``token`` repeatedly until it is refused (the reason), failing after ``deadline_s``."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        try:
+            await verifier.verify(token)
+        except AuthError as exc:
+            return exc.reason
+        await asyncio.sleep(0.02)  # poll interval of a condition with a deadline
+    raise AssertionError(f"token still accepted after {deadline_s}s")
+
+
+async def test_a_removed_key_stops_verifying_after_max_age_even_for_cached_tokens() -> None:
+    """Key removal at the IdP takes effect within ``jwks_max_age_seconds``, whatever the caches
+    hold: the age check runs before the verified-token cache, the unknown-kid rate limit (60 s
+    here) does not hold the age refresh back, and a changed key set empties the cache."""
+    retired = _rsa("k-retired")
+    state = Issuer(keys=[SIGNING, retired])
+    with _serve_issuer(state):
+        v = TokenVerifier(_oidc(state, jwks_max_age_seconds=0.3, jwks_refresh_min_interval_seconds=60.0))
+        try:
+            token = _token(_claims(state), retired, "k-retired")
+            assert (await v.verify(token))["subject"] == "8d3f-user"
+            assert (await v.verify(token))["subject"] == "8d3f-user"  # now from the cache
+            with state.lock:
+                state.keys = [SIGNING]
+            assert await _until_refused(v, token) == "unknown signing key"
+            # the key that is still published keeps working, from the refreshed key set
+            assert (await v.verify(_token(_claims(state))))["subject"] == "8d3f-user"
+        finally:
+            await v.close()
+
+
+async def test_a_failed_age_refresh_keeps_the_last_known_keys() -> None:
+    """An IdP outage at refresh time does not lock every caller out: the last known keys stay
+    in use, the refresh is retried (the IdP sees the attempts), and junk is still refused 401."""
+    state = Issuer(keys=[SIGNING])
+    with _serve_issuer(state):
+        v = TokenVerifier(_oidc(state, jwks_max_age_seconds=0.2, jwks_refresh_min_interval_seconds=60.0))
+        try:
+            await v.start()
+            with state.lock:
+                state.jwks_status = 503
+                before = state.jwks_requests
+            deadline = time.monotonic() + 10
+            while state.jwks_requests < before + 2:  # two attempts: the retry is not held 60 s
+                assert time.monotonic() < deadline, "the verifier never retried the refresh"
+                identity = await v.verify(_token(_claims(state)))
+                assert identity["subject"] == "8d3f-user"
+                await asyncio.sleep(0.05)  # poll interval of a condition with a deadline
+            assert await _refused(v, _token(_claims(state), STRANGER, "k-new")) == "unknown signing key"
         finally:
             await v.close()
 

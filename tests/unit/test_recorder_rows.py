@@ -359,6 +359,14 @@ def test_clickhouse_url_defaults_to_an_absolute_chdb_path(tmp_path: Path) -> Non
         "SELECT 1 /* unterminated",
         "SELECT 'unterminated",
         "SELECT $$'$$, 1 FROM system.one --'",
+        # ClickHouse reads `a$$` as one name, so `$$` no longer opens a string there: a guard
+        # that read it as a heredoc let everything up to `b$$` hide from the checks.
+        "SELECT 1 AS a$$, file('/proc/self/environ') AS b$$",
+        "SELECT 1 AS a$$, (SELECT count() FROM system.tables) AS b$$",
+        "SELECT 1 AS a$$, getServerSetting('path') AS b$$",
+        "SELECT 'x' AS a$$ INTO OUTFILE '/tmp/x.pth' -- b$$",
+        "SELECT $$system.one$$",
+        "SELECT a$b FROM calls",
         "SELECT `sys\\tem`.x",
         "SET readonly = 0",
         "USE system",
@@ -385,13 +393,14 @@ def test_guard_rejects(sql: str) -> None:
         ("EXPLAIN SELECT 1", None),
         ("SELECT 'system.tables', \"state\" FROM calls", None),
         ("SELECT format('{} {}', 'a', 'b')", None),
-        ("SELECT $$system.one$$", None),
         ("SELECT 1 -- FROM system.tables", "SELECT 1"),
         ("SELECT 1; -- trailing", "SELECT 1"),
+        ("SELECT 'price: $$5' AS s", None),
         ("SELECT number FROM numbers(10)", None),
     ],
 )
 def test_guard_accepts(sql: str, sent: str | None) -> None:
+    """Including `$` inside a quoted string, which stays allowed."""
     out = check_readonly_sql(sql, "skillgate")
     assert out == (sent if sent is not None else sql.strip().rstrip(";"))
 
@@ -532,3 +541,11 @@ def test_analyst_query_limits_and_errors(store: AuditStore) -> None:
         store.query("SELECT * FROM system.one")
     with pytest.raises(SQLRejected):
         store.query("SELECT * FROM mergeTreeIndex('skillgate', 'events')")
+
+
+def test_store_never_writes_a_file_for_a_hidden_into_outfile(tmp_path: Path) -> None:
+    """The exploit as a whole, against a real chDB: nothing is written, the query is refused."""
+    target = tmp_path / "planted.pth"
+    with factories.audit_store(tmp_path / "store") as store, pytest.raises((SQLRejected, StoreError)):
+        store.query(f"SELECT 'import os' AS a$$ INTO OUTFILE '{target}' -- b$$", max_rows=5, max_seconds=5)
+    assert not target.exists()

@@ -297,11 +297,12 @@ def error_reply(
     message: str,
     error_type: str | None,
     terminal_state: str,
+    retry: bool = True,
 ) -> CallReply:
     """The Anthropic-shaped error a waiting caller gets when its call ends without an answer.
 
     Its id derives from the call id: whoever ends the call (policy or forwarder), a reprocessed
-    message yields the same reply event.
+    message yields the same reply event. ``retry=False`` when the upstream may have processed it.
     """
     from skillgate.errors import error_body, new_request_id
 
@@ -317,7 +318,13 @@ def error_reply(
         kind="response",
         seq=0,
         status=status,
-        headers={"content-type": "application/json", "request-id": rid},
+        headers={
+            "content-type": "application/json",
+            "request-id": rid,
+            # The SDKs retry 5xx on their own; where the upstream may already have processed the
+            # call, a retry would be a second (billed) call, so they are told not to.
+            **({} if retry else {"x-should-retry": "false"}),
+        },
         body=error_body(status, message, rid, error_type),
         terminal_state=terminal_state,
     )

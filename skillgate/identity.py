@@ -32,14 +32,16 @@ def claim_at(claims: Mapping[str, Any], path: str) -> Any:
 def groups_from_claims(claims: Mapping[str, Any], groups_claim: str = "groups") -> list[str]:
     """Group names from one or more comma-separated dotted claim paths (``groups,scp``), merged.
 
-    Each claim may hold a list or a single string. A path-like name (Keycloak's full group path
-    ``/org/approvers``) counts as its last segment: the name is what role mapping uses.
+    Each claim may hold a list or a single string. A path-like name (Keycloak's full group path)
+    keeps its path without the leading ``/``: ``/approvers`` is ``approvers``, ``/org/admins`` is
+    ``org/admins``. Never just the last segment: whoever may create a subgroup ``admins`` anywhere
+    in the IdP must not become a skillgate admin.
     """
     names: set[str] = set()
     for path in (p.strip() for p in groups_claim.split(",")):
         raw = claim_at(claims, path) if path else None
         values = [raw] if isinstance(raw, str) else raw if isinstance(raw, list | tuple) else []
-        names.update(str(v).rsplit("/", 1)[-1] for v in values if isinstance(v, str | int))
+        names.update(str(v).lstrip("/") for v in values if isinstance(v, str | int))
     names.discard("")
     return sorted(names)
 

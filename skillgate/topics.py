@@ -62,8 +62,11 @@ def name(settings: KafkaSettings, suffix: str) -> str:
 def specs(settings: KafkaSettings) -> list[TopicSpec]:
     """Every topic skillgate uses, with partitions, retention and cleanup policy."""
     p = settings.partitions
-    short = {"retention.ms": str(settings.submitted_retention_ms), "cleanup.policy": "delete"}
-    record = {"retention.ms": str(settings.record_retention_ms), "cleanup.policy": "delete"}
+    # Calls carry whole request and response bodies (the Messages API accepts 32 MB): the topic
+    # limit must not be the broker default of 1 MB, or a large call could not be written.
+    big = {"max.message.bytes": str(64 * 1024 * 1024)}
+    short = {"retention.ms": str(settings.submitted_retention_ms), "cleanup.policy": "delete", **big}
+    record = {"retention.ms": str(settings.record_retention_ms), "cleanup.policy": "delete", **big}
     return [
         TopicSpec(SUBMITTED, p, short),
         TopicSpec(DECIDED, p, short),
@@ -72,7 +75,7 @@ def specs(settings: KafkaSettings) -> list[TopicSpec]:
         TopicSpec(
             REPLIES,
             max(p, 12),
-            {"retention.ms": str(settings.replies_retention_ms), "cleanup.policy": "delete"},
+            {"retention.ms": str(settings.replies_retention_ms), "cleanup.policy": "delete", **big},
         ),
         TopicSpec(APPROVALS_REQUESTED, p, record),
         TopicSpec(APPROVALS_DECIDED, p, record),
@@ -84,7 +87,7 @@ def specs(settings: KafkaSettings) -> list[TopicSpec]:
             p,
             {"cleanup.policy": "compact,delete", "retention.ms": str(settings.record_retention_ms)},
         ),
-        TopicSpec(DEADLETTER, 1, {"retention.ms": str(2 * settings.record_retention_ms)}),
+        TopicSpec(DEADLETTER, 1, {"retention.ms": str(2 * settings.record_retention_ms), **big}),
     ]
 
 

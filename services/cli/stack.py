@@ -23,6 +23,9 @@ from skillgate.localkafka import LocalKafka, free_port
 
 SERVICES = ("recorder", "policy", "forwarder", "ingress")
 
+#: Environment variables that may hold upstream credentials (only the forwarder gets them).
+CREDENTIAL_VARS = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN")
+
 
 @dataclass
 class StackPorts:
@@ -112,13 +115,28 @@ class Stack:
         env.update(self.extra_env)
         return env
 
+    def env_for(self, name: str) -> dict[str, str]:
+        """The environment of one child: upstream credentials reach the forwarder only.
+
+        Invariant 2: the key exists only in the forwarder, so the other services do not even
+        inherit ``ANTHROPIC_API_KEY`` from the shell that started the stack.
+        """
+        env = self.env()
+        if name != "forwarder":
+            for var in CREDENTIAL_VARS:
+                env.pop(var, None)
+            env.pop("SKILLGATE_FORWARDER_UPSTREAMS", None)
+        if name != "stub-upstream":
+            env.pop("SKILLGATE_STUB_API_KEY", None)
+        return env
+
     def _spawn(self, name: str, *args: str) -> None:
         log_dir = self.log_dir or self.data_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         out = (log_dir / f"{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "services.cli.main", *args],
-            env=self.env(),
+            env=self.env_for(name),
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -80,6 +80,7 @@ def outcome_events(
                 message=message,
                 error_type="api_error",
                 terminal_state="failed",
+                retry=not result.maybe_processed,
             )
         return failed, error
     terminal: CallCompleted | CallFailed
@@ -143,7 +144,7 @@ def interrupted_events(decided: CallDecided) -> tuple[CallFailed, CallReply | No
         "the forwarder restarted while this call was in flight; its upstream outcome is unknown "
         "and it was not retried (skillgate makes at most one upstream call per call)"
     )
-    return _failed(decided, 502, "api_error", message)
+    return _failed(decided, 502, "api_error", message, retry=False)
 
 
 def unusable_events(decided: CallDecided, message: str) -> tuple[CallFailed, CallReply | None]:
@@ -152,7 +153,7 @@ def unusable_events(decided: CallDecided, message: str) -> tuple[CallFailed, Cal
 
 
 def _failed(
-    decided: CallDecided, status: int, etype: str, message: str
+    decided: CallDecided, status: int, etype: str, message: str, retry: bool = True
 ) -> tuple[CallFailed, CallReply | None]:
     failed = events.failed_event(
         decided,
@@ -173,5 +174,6 @@ def _failed(
             message=message,
             error_type=etype,
             terminal_state="failed",
+            retry=retry,
         )
     return failed, reply

@@ -7,6 +7,8 @@ import contextlib
 import logging
 import signal
 
+from pydantic import ValidationError
+
 from services.forwarder.config import ForwarderSettings
 from services.forwarder.consumer import ForwarderService
 from skillgate import topics
@@ -56,7 +58,15 @@ async def serve_forever(settings: ForwarderSettings, kafka: KafkaSettings) -> No
 def run(settings: ForwarderSettings | None = None, kafka: KafkaSettings | None = None) -> None:
     """Entry point of ``skillgate forwarder``."""
     setup("forwarder", CommonSettings().log_level)
-    settings = settings or ForwarderSettings()
+    try:
+        settings = settings or ForwarderSettings()
+    except ValidationError as exc:
+        # Never echo the offending input: a mis-shaped SKILLGATE_FORWARDER_UPSTREAMS may hold a key.
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_input=False)
+        )
+        log.error("invalid forwarder settings", extra={"problems": problems})
+        raise SystemExit(2) from None
     if settings.metrics_port:
         serve(settings.metrics_port, settings.metrics_host)
     import uvloop

@@ -46,6 +46,7 @@ class UpstreamResult:
     attempts: list[UpstreamAttempt] = field(default_factory=list)
     error: str | None = None
     latency_ms: float = 0.0
+    maybe_processed: bool = False  # sent, but no answer: the upstream may have processed it
 
 
 def relay_headers(headers: httpx.Headers) -> dict[str, str]:
@@ -142,7 +143,7 @@ class Upstreams:
                 if not never_sent(exc):
                     # Sent, but no complete answer: the upstream may have processed it; no retry.
                     error = f"upstream did not answer: {describe(exc)}"
-                    return UpstreamResult(0, {}, b"", attempts, error, _ms(started))
+                    return UpstreamResult(0, {}, b"", attempts, error, _ms(started), maybe_processed=True)
                 if number >= s.max_attempts:
                     error = f"upstream unreachable: {describe(exc)}"
                     return UpstreamResult(0, {}, b"", attempts, error, _ms(started))

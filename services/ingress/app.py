@@ -261,7 +261,8 @@ async def sync_call(request: Request, deps: Deps, identity: Identity, path: str)
             504,
             f"skillgate is still processing call {call_id}; fetch its outcome at /v1/calls/{call_id}",
             error_type="timeout_error",
-            headers={"x-skillgate-call-id": call_id},
+            # The call is still going: a retry by the SDK would be a second call.
+            headers={"x-skillgate-call-id": call_id, "x-should-retry": "false"},
         )
     finally:
         IN_FLIGHT.dec()

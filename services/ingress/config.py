@@ -35,8 +35,9 @@ class IngressSettings(BaseSettings):
         description="Largest request body accepted (the Messages API allows 32 MB).",
     )
     sync_timeout_seconds: float = Field(
-        600.0,
-        description="How long a synchronous caller is held before 504 with the call id to poll.",
+        540.0,
+        description="How long a synchronous caller is held before 504 with the call id to poll "
+        "(below the SDKs' 600 s default timeout, so the caller hears it rather than retrying).",
     )
     replies_group: str = Field(
         "skillgate-ingress-replies",

@@ -27,6 +27,7 @@ from aiokafka.structs import TopicPartition
 from skillgate import topics
 from skillgate.codec import CodecError, default_codec
 from skillgate.config import KafkaSettings
+from skillgate.errors import GatewayError
 from skillgate.events import CALL_REPLY, CallReply, ReplyTo
 from skillgate.kafka import make_consumer
 
@@ -119,7 +120,12 @@ class ReplyRouter:
     def register(self, call_id: str) -> tuple[Waiter, ReplyTo]:
         """Register a waiter before publishing the call, so even an instant answer is caught."""
         if self._cycle is None:
-            raise RuntimeError("no reply partition owned")
+            # Between a revocation and the next assignment (a replica joined or left).
+            raise GatewayError(
+                503,
+                "skillgate is rebalancing its reply channels; retry in a moment",
+                headers={"retry-after": "1"},
+            )
         partition = next(self._cycle)
         waiter = Waiter(call_id, partition)
         self._waiters[call_id] = waiter
@@ -131,8 +137,20 @@ class ReplyRouter:
 
     async def _run(self) -> None:
         assert self._consumer is not None
+        backoff = 0.1
         while True:
-            batches = await self._consumer.getmany(timeout_ms=1000, max_records=1000)
+            try:
+                batches = await self._consumer.getmany(timeout_ms=1000, max_records=1000)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Kafka trouble must not end the loop silently (every waiting caller would hang
+                # until its timeout); keep trying, and say so.
+                log.exception("reading replies failed; retrying")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
             for records in batches.values():
                 for record in records:
                     self._dispatch(record.value)

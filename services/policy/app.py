@@ -10,6 +10,7 @@ exactly-once mode has open crash bugs, so it is not used.)
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import faust
@@ -86,7 +87,9 @@ class PolicyService:
             topics.name(kafka, topics.DEADLETTER), key_type=bytes, value_type=bytes
         )
         self._replies: dict[str, faust.TopicT] = {}
-        self.app.agent(self._submitted, name="decide")(self._agent)
+        # Several actors, so waiting for one decision's acknowledgement does not hold the others
+        # back; faust commits only up to the oldest event not yet done.
+        self.app.agent(self._submitted, name="decide", concurrency=policy.concurrency)(self._agent)
 
     def reload_bundle(self) -> None:
         """(Re)load the bundle; an invalid bundle makes every call fail closed until fixed."""
@@ -120,18 +123,20 @@ class PolicyService:
         try:
             _, record = self.codec.decode(value, expected=CALL_SUBMITTED)
         except CodecError as exc:
-            await self._deadletter.send(
-                key=key,
-                value=dead_letter_value(
-                    codec=self.codec,
-                    service="policy",
-                    reason=str(exc),
-                    topic=topic,
-                    partition=partition,
-                    offset=offset,
+            await self._confirm(
+                await self._deadletter.send(
                     key=key,
-                    value=value,
-                ),
+                    value=dead_letter_value(
+                        codec=self.codec,
+                        service="policy",
+                        reason=str(exc),
+                        topic=topic,
+                        partition=partition,
+                        offset=offset,
+                        key=key,
+                        value=value,
+                    ),
+                )
             )
             DEAD_LETTERS.labels("policy").inc()
             log.warning("dead-lettered unreadable submission", extra={"error": str(exc)})
@@ -148,13 +153,17 @@ class PolicyService:
             except Exception as exc:  # fail closed on anything that prevents a decision
                 log.error("cannot decide: failing the call closed", extra={"error": str(exc)})
                 failed, reply = handlers.failure_events(submitted, bundle.label if bundle else None, str(exc))
-                await self._failed.send(key=session_key, value=self.codec.encode(CALL_FAILED, failed))
+                await self._confirm(
+                    await self._failed.send(key=session_key, value=self.codec.encode(CALL_FAILED, failed))
+                )
                 EVENTS_PRODUCED.labels("policy", topics.FAILED).inc()
                 if reply is not None and submitted["reply_to"] is not None:
                     await self._send_reply(submitted["reply_to"], session_key, reply)
                 return
             decided = handlers.decided_event(submitted, bundle, verdict)
-        await self._decided.send(key=session_key, value=self.codec.encode(CALL_DECIDED, decided))
+        await self._confirm(
+            await self._decided.send(key=session_key, value=self.codec.encode(CALL_DECIDED, decided))
+        )
         EVENTS_PRODUCED.labels("policy", topics.DECIDED).inc()
         log.debug(
             "call decided",
@@ -168,8 +177,27 @@ class PolicyService:
         if reply is not None and decided["reply_to"] is not None:
             await self._send_reply(decided["reply_to"], session_key, reply)
 
+    async def _confirm(self, delivery: Any) -> None:
+        """Wait until Kafka acknowledged a write; if it refused, stop the process at once.
+
+        faust would otherwise only log the failure and commit the submission as processed, losing
+        the call. Exiting before the next commit makes Kafka redeliver the submission to a
+        restarted replica (decisions carry call-derived ids, so a repeat is harmless).
+        """
+        try:
+            await delivery
+        except Exception as exc:
+            log.critical(
+                "Kafka refused a policy write; exiting so the call is redelivered",
+                extra={"error": f"{type(exc).__name__}: {exc}"[:500]},
+            )
+            logging.shutdown()
+            os._exit(70)
+
     async def _send_reply(self, reply_to: events.ReplyTo, key: bytes, reply: events.CallReply) -> None:
-        await self._reply_topic(reply_to["topic"]).send(
-            key=key, value=self.codec.encode(CALL_REPLY, reply), partition=reply_to["partition"]
+        await self._confirm(
+            await self._reply_topic(reply_to["topic"]).send(
+                key=key, value=self.codec.encode(CALL_REPLY, reply), partition=reply_to["partition"]
+            )
         )
         EVENTS_PRODUCED.labels("policy", topics.REPLIES).inc()

@@ -20,6 +20,9 @@ class PolicySettings(BaseSettings):
         description="faust app id: the consumer group and prefix of faust's own topics.",
     )
     bundle: Path = Field(DEFAULT_BUNDLE, description="Policy bundle file applied to every call.")
+    concurrency: int = Field(
+        8, ge=1, description="Decisions in progress at once per replica (each waits for Kafka's ack)."
+    )
     metrics_host: str = Field("127.0.0.1", description="Address of the /metrics endpoint.")
     metrics_port: int = Field(9101, description="Port of the /metrics endpoint (0 disables it).")
     commit_interval_seconds: float = Field(

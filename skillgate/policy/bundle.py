@@ -30,6 +30,7 @@ class Bundle:
     source: str
     default_action: str
     rules: tuple[dict[str, Any], ...]
+    caller_upstreams: tuple[str, ...] = ("default",)
 
     @property
     def label(self) -> str:
@@ -58,6 +59,9 @@ def parse_bundle(source: str, origin: str = "<bundle>") -> Bundle:
     default_action = doc.get("default_action", "allow")
     if default_action not in ("allow", "deny"):
         raise BundleError(f"{origin}: field `default_action`: must be `allow` or `deny`")
+    caller_upstreams = doc.get("caller_upstreams", ["default"])
+    if not isinstance(caller_upstreams, list) or not all(isinstance(u, str) and u for u in caller_upstreams):
+        raise BundleError(f"{origin}: field `caller_upstreams`: must be a list of upstream names")
     rules = doc.get("rules") or []
     if not isinstance(rules, list):
         raise BundleError(f"{origin}: field `rules`: must be a list")
@@ -73,6 +77,7 @@ def parse_bundle(source: str, origin: str = "<bundle>") -> Bundle:
         source=source,
         default_action=default_action,
         rules=tuple(rules),
+        caller_upstreams=tuple(caller_upstreams),
     )
 
 

@@ -31,6 +31,17 @@ def evaluate(bundle: Bundle, body: bytes, request: dict[str, Any], upstream: str
     ``body`` is the raw request (forwarded unchanged when nothing is masked, so the upstream
     sees the caller's bytes); ``request`` is its parsed form, read but never re-serialised here.
     """
+    if upstream is not None and upstream not in bundle.caller_upstreams:
+        # Which connection (key, organisation, billing) a call uses is policy's choice; a caller
+        # may only pick among those the bundle offers.
+        return Verdict(
+            decision="deny",
+            reason=f"upstream connection `{upstream}` is not one callers may choose "
+            f"(bundle {bundle.label} allows: {', '.join(bundle.caller_upstreams)})",
+            status=403,
+            error_type="permission_error",
+            record_body=body,
+        )
     if bundle.default_action == "deny":
         return Verdict(
             decision="deny",

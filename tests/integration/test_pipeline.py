@@ -236,22 +236,20 @@ def test_events_readable_by_apache_avro(stack: Stack, alice_token: str) -> None:
         assert event["call_id"] and event["session_id"] and event["event_id"]
 
 
-def test_unknown_upstream_connection_fails_clearly(
+def test_caller_cannot_pick_an_upstream_the_bundle_does_not_offer(
     stack: Stack, alice_token: str, auditor_token: str
 ) -> None:
-    """A call routed to an upstream connection the forwarder does not have is failed with a clear
-    error and never sent anywhere."""
+    """Which upstream connection (key, organisation, billing) a call uses is policy's choice: a
+    caller asking for another one is denied with the reason, and nothing is sent anywhere."""
     marker = f"route-{uuid.uuid4().hex}"
-    with pytest.raises(anthropic.APIStatusError) as caught:
+    with pytest.raises(anthropic.PermissionDeniedError) as caught:
         client(stack, alice_token).messages.create(
             model="m",
             max_tokens=8,
             messages=[{"role": "user", "content": marker}],
-            extra_headers={"x-skillgate-upstream": "no-such-upstream"},
+            extra_headers={"x-skillgate-upstream": "billing-other-team"},
         )
-    assert caught.value.status_code == 503
-    assert "no upstream connection named `no-such-upstream`" in str(caught.value)
+    assert "upstream connection `billing-other-team` is not one callers may choose" in str(caught.value)
     assert stub_requests(stack, marker) == []
-    call_id = caught.value.response.headers["x-skillgate-call-id"]
-    row = recorded_call(stack, auditor_token, call_id)
-    assert row["state"] == "failed" and row["upstream"] == "no-such-upstream"
+    row = recorded_call(stack, auditor_token, caught.value.response.headers["x-skillgate-call-id"])
+    assert row["state"] == "denied" and row["decision"] == "deny"

@@ -72,6 +72,7 @@ def _result(status: int, body: bytes = OK_BODY, n_attempts: int = 1, **kw: Any) 
         attempts=[_attempt(i + 1, s, None if s else "ConnectError") for i, s in enumerate(statuses)],
         error=kw.pop("error", None),
         latency_ms=kw.pop("latency_ms", 12.25),
+        maybe_processed=kw.pop("maybe_processed", False),
     )
 
 
@@ -340,3 +341,22 @@ def test_finishing_an_unknown_offset_is_harmless() -> None:
     tracker.start(TP, 1)
     tracker.finish(TP1, 1)
     assert tracker.committable() == {TP: 1}
+
+
+@pytest.mark.parametrize(
+    ("maybe_processed", "retry_header"),
+    [(True, "false"), (False, None)],
+    ids=["sent-no-answer", "never-reached"],
+)
+def test_sdk_told_not_to_retry_when_the_upstream_may_have_processed_the_call(
+    maybe_processed: bool, retry_header: str | None
+) -> None:
+    result = _result(0, b"", error="upstream did not answer", maybe_processed=maybe_processed)
+    _, reply = outcome_events(_decided(), result, b"", b"")
+    assert reply is not None and reply["status"] == 502
+    assert reply["headers"].get("x-should-retry") == retry_header
+
+
+def test_interrupted_call_is_never_retried_by_the_sdk() -> None:
+    _, reply = interrupted_events(_decided())
+    assert reply is not None and reply["headers"]["x-should-retry"] == "false"

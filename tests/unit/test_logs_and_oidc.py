@@ -271,7 +271,7 @@ async def test_valid_token_gives_the_identity_with_groups_from_a_dotted_claim(
     assert identity["email"] == "ada@example.com"
     assert identity["client_id"] == "skillgate-cli"
     assert identity["token_id"] == claims["jti"]
-    assert identity["groups"] == ["approvers", "ml", "offline_access"]
+    assert identity["groups"] == ["approvers", "offline_access", "teams/ml"]
 
 
 @pytest.mark.parametrize(
@@ -295,7 +295,7 @@ def test_client_id_from_the_claim_each_idp_uses(claims: dict[str, Any], client_i
     [
         ({"groups": ["b", "a", "a"]}, "groups", ["a", "b"]),
         ({"groups": "solo"}, "groups", ["solo"]),
-        ({"groups": ["/org/eng/callers", "/auditors"]}, "groups", ["auditors", "callers"]),
+        ({"groups": ["/org/eng/callers", "/auditors"]}, "groups", ["auditors", "org/eng/callers"]),
         ({"realm_access": {"roles": ["admins"]}}, "realm_access.roles", ["admins"]),
         # several paths merge: Okta users' groups and a service app's scopes
         (

@@ -16,6 +16,7 @@ from skillgate import events
 from skillgate.codec import AvroCodec
 from skillgate.events import CallSubmitted, ReplyTo
 from skillgate.policy.bundle import DEFAULT_BUNDLE, Bundle, BundleError, load_bundle, parse_bundle
+from skillgate.policy.engine import evaluate
 from tests import factories
 
 CODEC = AvroCodec()
@@ -93,9 +94,16 @@ def test_default_bundle_allows_and_records_its_label(default_bundle: Bundle) -> 
     assert CODEC.decode(CODEC.encode(events.CALL_DECIDED, decided)) == (events.CALL_DECIDED, dict(decided))
 
 
-def test_the_callers_upstream_choice_is_kept(default_bundle: Bundle) -> None:
+def test_the_callers_upstream_choice_is_kept_when_the_bundle_offers_it() -> None:
+    bundle = parse_bundle('name: b\nversion: "1"\ncaller_upstreams: [default, eu]\n')
     submitted = _submitted(upstream="eu")
-    assert decided_event(submitted, default_bundle, decide(submitted, default_bundle))["upstream"] == "eu"
+    assert decided_event(submitted, bundle, decide(submitted, bundle))["upstream"] == "eu"
+
+
+def test_the_default_bundle_offers_callers_only_the_default_upstream(default_bundle: Bundle) -> None:
+    submitted = _submitted(upstream="eu")
+    decided = decided_event(submitted, default_bundle, decide(submitted, default_bundle))
+    assert decided["decision"] == "deny" and decided["body"] is None
 
 
 def test_decided_ids_derive_from_the_call_id(default_bundle: Bundle) -> None:
@@ -264,3 +272,14 @@ def test_failure_events_without_a_bundle_or_a_waiting_caller() -> None:
     assert failed["bundle_version"] is None
     assert failed["stage"] == "policy"
     assert reply is None
+
+
+def test_caller_may_only_choose_an_upstream_the_bundle_offers() -> None:
+    bundle = parse_bundle('name: b\nversion: "1"\ncaller_upstreams: [default, batch]\n')
+    assert evaluate(bundle, b"{}", {}, "batch").decision == "allow"
+    assert evaluate(bundle, b"{}", {}, "batch").upstream == "batch"
+    refused = evaluate(bundle, b"{}", {}, "other")
+    assert refused.decision == "deny" and refused.status == 403 and "`other`" in refused.reason
+    assert refused.body is None and refused.record_body == b"{}"
+    with pytest.raises(BundleError, match="caller_upstreams"):
+        parse_bundle("name: b\ncaller_upstreams: default\n")

@@ -118,6 +118,12 @@ class CommonSettings(BaseSettings):
 
     data_dir: Path = Field(Path("data"), description="Where local state lives (chDB store, dev keys, Kafka).")
     log_level: str = Field("INFO", description="Log level of the JSON logs.")
+    fingerprint_key: SecretStr | None = Field(
+        None,
+        description="HMAC key for fingerprints of masked values (hex or text). The same key must be "
+        "set for policy, forwarder and recorder, or fingerprints cannot be compared. Default: "
+        "generated once into <data_dir>/fingerprint.key (fine for one machine).",
+    )
     recorder_url: str = Field(
         "http://127.0.0.1:8081",
         description="Base URL of the recorder's read API (async call state, SQL).",

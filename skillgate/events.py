@@ -128,6 +128,18 @@ class CallDecided(Envelope):
     fail_open: bool
     submitted_at: int | None
     approval_id: str | None
+    response_mask_upstream: list[str]
+    response_mask_record: list[str]
+
+
+class BlockedTool(TypedDict):
+    """A tool_use block stopped by a command guardrail."""
+
+    tool_use_id: str
+    tool: str
+    rule_id: str
+    reason: str
+    action: str
 
 
 class CallCompleted(Envelope):
@@ -147,6 +159,7 @@ class CallCompleted(Envelope):
     masked: list[MaskedValue]
     stream: bool
     submitted_at: int | None
+    blocked_tools: list[BlockedTool]
 
 
 class CallFailed(Envelope):

@@ -89,6 +89,8 @@ def call_decided(call_id: str | None = None, **fields: Any) -> CallDecided:
         "masked": [],
         "fail_open": False,
         "submitted_at": fields.get("time", envelope["time"]) - 5_000,
+        "response_mask_upstream": [],
+        "response_mask_record": [],
     }
     return cast(CallDecided, _with(_complete(decided, CallDecided.__required_keys__), fields))
 

@@ -5,6 +5,10 @@ skillgate ingress|policy|forwarder|recorder|stub-upstream|dev-issuer
 skillgate kafka start|stop           # the local broker alone
 skillgate token --user alice --groups eng [--expires-in 3600]
 skillgate sql "SELECT ..." [--format json]
+skillgate policy check FILE          # validate a bundle (errors name file:line and field)
+skillgate policy test FILE CASES.yaml
+skillgate policy publish FILE [--as USER]
+skillgate audit find-secret VALUE    # auditor: did this value pass through, when, by whom?
 """
 
 from __future__ import annotations
@@ -150,19 +154,60 @@ def _sql(args: argparse.Namespace) -> int:
     return sql_command(args.query, args.format, CommonSettings().recorder_url, token)
 
 
+def _policy(args: argparse.Namespace) -> int:
+    from services.cli import policy
+
+    if args.policy_action == "check":
+        return policy.check_command(Path(args.file))
+    if args.policy_action == "test":
+        return policy.run_cases_command(Path(args.file), Path(args.cases))
+    if args.policy_action == "publish":
+        return policy.publish_command(Path(args.file), args.publisher)
+    return _run_service("policy")
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from services.recorder.cli import find_secret_command, read_secret_value
+    from skillgate.config import CommonSettings
+
+    value = read_secret_value(args.value, sys.stdin)
+    if value is None:
+        print("error: no value given (pass it, or `-` to read it from stdin)", file=sys.stderr)
+        return 2
+    token = args.token or os.environ.get("SKILLGATE_AUDITOR_TOKEN") or _mint("cli", ["auditors"], 600)
+    return find_secret_command(value, args.format, CommonSettings().recorder_url, token)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(prog="skillgate", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in (
         ("ingress", "run the ingress (Anthropic API drop-in)"),
-        ("policy", "run the policy service (faust)"),
         ("forwarder", "run the forwarder"),
         ("recorder", "run the recorder (ClickHouse writer + read API)"),
         ("stub-upstream", "run the Messages-API stub upstream (tests, demos, benchmarks)"),
         ("dev-issuer", "run the local OIDC issuer (development only)"),
     ):
         sub.add_parser(name, help=help_)
+    policy = sub.add_parser(
+        "policy",
+        help="run the policy service (faust); or check, test or publish a policy bundle",
+        description="Without an action: run the policy service. With one: bundle tools.",
+    )
+    policy_sub = policy.add_subparsers(dest="policy_action", required=False)
+    check = policy_sub.add_parser("check", help="validate a bundle (exit 1 naming file:line and field)")
+    check.add_argument("file")
+    ptest = policy_sub.add_parser("test", help="run example calls (a cases YAML) against a bundle")
+    ptest.add_argument("file")
+    ptest.add_argument("cases")
+    publish = policy_sub.add_parser(
+        "publish", help="validate and publish a bundle to Kafka (SKILLGATE_KAFKA_BOOTSTRAP)"
+    )
+    publish.add_argument("file")
+    publish.add_argument(
+        "--as", dest="publisher", default=None, help="publisher recorded in the event (default: your login)"
+    )
     sub.add_parser("stack", help="run the whole local stack (what `make run` does)")
     kafka = sub.add_parser("kafka", help="run the local Kafka broker alone")
     kafka.add_argument("action", choices=["start", "fetch"])
@@ -175,6 +220,22 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("query")
     sql.add_argument("--format", choices=["table", "json"], default="table")
     sql.add_argument(
+        "--token",
+        default=None,
+        help="auditor token (default: $SKILLGATE_AUDITOR_TOKEN, else a token from the local dev issuer)",
+    )
+    audit = sub.add_parser("audit", help="auditor tools over the audit store")
+    audit_sub = audit.add_subparsers(dest="audit_action", required=True)
+    find = audit_sub.add_parser(
+        "find-secret",
+        help="whether and when a value was masked in any recorded call (auditors)",
+        description="Exit 0 when the value was found, 1 when not, 2 on error. Only an HMAC "
+        "fingerprint is compared; the value is neither stored nor logged. Pass `-` to read the "
+        "value from stdin, which keeps it out of the process list and shell history.",
+    )
+    find.add_argument("value", help="the value, or `-` to read it from stdin")
+    find.add_argument("--format", choices=["table", "json"], default="table")
+    find.add_argument(
         "--token",
         default=None,
         help="auditor token (default: $SKILLGATE_AUDITOR_TOKEN, else a token from the local dev issuer)",
@@ -195,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "sql":
         return _sql(args)
+    if args.command == "policy":
+        return _policy(args)
+    if args.command == "audit":
+        return _audit(args)
     return _run_service(args.command)
 
 

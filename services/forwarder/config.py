@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from skillgate.policy.bundle import DEFAULT_BUNDLE
+
 
 class UpstreamConfig(BaseModel):
     """One named upstream connection: where to send calls and with which credential.
@@ -37,7 +39,9 @@ class UpstreamConfig(BaseModel):
 class ForwarderSettings(BaseSettings):
     """How the forwarder consumes decisions and calls the upstream."""
 
-    model_config = SettingsConfigDict(env_prefix="SKILLGATE_FORWARDER_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="SKILLGATE_FORWARDER_", extra="ignore", populate_by_name=True
+    )
 
     group_id: str = Field("skillgate-forwarder", description="Consumer group of the forwarder replicas.")
     upstreams: dict[str, UpstreamConfig] = Field(
@@ -64,5 +68,12 @@ class ForwarderSettings(BaseSettings):
         "taking over a partition reads claims from its committed offset on, however old.",
     )
     commit_interval_seconds: float = Field(0.2, description="How often finished offsets are committed.")
+    bundle: Path = Field(
+        DEFAULT_BUNDLE,
+        validation_alias="SKILLGATE_POLICY_BUNDLE",
+        description="Policy bundle whose tool rules and detectors the forwarder applies to responses. "
+        "Read from SKILLGATE_POLICY_BUNDLE, the variable the policy service reads, so both apply the "
+        "same file. An invalid bundle makes every allowed call fail closed (503), nothing is forwarded.",
+    )
     metrics_host: str = Field("127.0.0.1", description="Address of the /metrics endpoint.")
     metrics_port: int = Field(9102, description="Port of the /metrics endpoint (0 disables it).")

@@ -11,6 +11,12 @@ second upstream call. Duplicates of one call always share a partition (same sess
 
 Commits: a partition's offset is committed only up to the oldest message still in flight
 (arroyo-style), so a crash redelivers exactly the unfinished work.
+
+Answers: the policy bundle (``SKILLGATE_POLICY_BUNDLE``, swapped at run time with
+:meth:`ForwarderService.use_bundle`) drives the response guard (:mod:`services.forwarder.guard`),
+which checks tool calls and masks each answer before it is published anywhere. Fail closed:
+without a valid bundle no call is forwarded (503); when the guard cannot check an answer, the
+answer is withheld and the call fails (503, not to be retried: the upstream did process it).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,7 +34,8 @@ from prometheus_client import Counter, Gauge
 
 from services.forwarder import handlers
 from services.forwarder.config import ForwarderSettings
-from services.forwarder.upstream import UnknownUpstream, Upstreams
+from services.forwarder.guard import GuardedResponse, GuardError, ResponsePolicy, guard_response
+from services.forwarder.upstream import UnknownUpstream, UpstreamResult, Upstreams
 from skillgate import topics
 from skillgate.codec import AvroCodec, CodecError, default_codec
 from skillgate.config import KafkaSettings
@@ -40,9 +48,13 @@ from skillgate.events import (
     CallDecided,
     CallReply,
 )
+from skillgate.fingerprints import load_fingerprint_key
 from skillgate.kafka import DeadLetterer, make_consumer, make_producer
 from skillgate.logs import call_context
 from skillgate.metrics import EVENTS_CONSUMED, EVENTS_PRODUCED, STAGE_SECONDS
+from skillgate.policy.bundle import Bundle, BundleError, load_bundle
+from skillgate.policy.detectors import DetectorError
+from skillgate.policy.masking import MaskingError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +65,15 @@ DUPLICATES = Counter(
     "skillgate_forwarder_duplicates_total", "Redelivered decisions not forwarded again", ["kind"]
 )
 IN_FLIGHT = Gauge("skillgate_forwarder_in_flight", "Calls in flight in this replica")
+GUARDED = Counter(
+    "skillgate_forwarder_guarded_total",
+    "Responses the response guard changed or stopped",
+    ["outcome"],  # masked, tool_blocked, response_blocked, unchecked
+)
+#: How many applied bundles' policies are kept for decisions that name an earlier version.
+_KEPT_POLICIES = 16
+#: Exceptions whose message is known to name no body content (others are reported by type only).
+_SAFE_MESSAGES = (GuardError, MaskingError, DetectorError)
 
 
 class OffsetTracker:
@@ -147,6 +168,53 @@ class ForwarderService:
         self.in_flight: dict[str, asyncio.Future[None]] = {}
         self._pruned_at = time.monotonic()
         self._loading: dict[int, asyncio.Future[dict[str, tuple[str, float]]]] = {}
+        # The response guard's policy: None (with bundle_error) while no valid bundle is loaded,
+        # and then every allowed call fails closed.
+        self.response_policy: ResponsePolicy | None = None
+        self.bundle_error: str | None = "no policy bundle loaded"
+        # Policies of bundles applied before, by label, so a decision made under an earlier
+        # version is checked with that version's rules and detectors (bounded).
+        self._policies: OrderedDict[str, ResponsePolicy] = OrderedDict()
+        self._fingerprint_key: bytes | None = None
+        self.reload_bundle()
+
+    # -- the policy bundle -------------------------------------------------------------------
+
+    def reload_bundle(self) -> None:
+        """(Re)load the bundle file of the settings; an invalid one makes calls fail closed."""
+        try:
+            bundle = load_bundle(self.settings.bundle)
+        except BundleError as exc:
+            self.response_policy, self.bundle_error = None, str(exc)
+            log.error("policy bundle invalid: calls fail closed", extra={"error": str(exc)})
+            return
+        self.use_bundle(bundle)
+
+    def use_bundle(self, bundle: Bundle) -> None:
+        """Apply ``bundle`` to every response from now on (hot reload plugs in here).
+
+        The masker is built here, once per bundle; a call in flight keeps the policy it started
+        with. When the fingerprint key cannot be read, no masker can be built: calls fail closed.
+        """
+        try:
+            if self._fingerprint_key is None:
+                self._fingerprint_key = load_fingerprint_key()
+            policy = ResponsePolicy.build(bundle, self._fingerprint_key)
+        except (OSError, ValueError) as exc:
+            # Type and message only: the key itself is never part of these messages.
+            self.response_policy = None
+            self.bundle_error = f"cannot build the response masker ({type(exc).__name__}: {exc})"
+            log.error("response masker unavailable: calls fail closed", extra={"error": self.bundle_error})
+            return
+        self.response_policy, self.bundle_error = policy, None
+        self._policies[bundle.label] = policy
+        self._policies.move_to_end(bundle.label)
+        while len(self._policies) > _KEPT_POLICIES:
+            self._policies.popitem(last=False)
+        log.info(
+            "policy bundle applied",
+            extra={"bundle": bundle.label, "tool_rules": len(bundle.tool_rules)},
+        )
 
     async def start(self) -> None:
         """Start Kafka clients and join the group."""
@@ -384,6 +452,13 @@ class ForwarderService:
             failed, reply = handlers.unusable_events(decided, "policy allowed the call without a body")
             await self._finish(tp.partition, decided, failed, reply, "failed")
             return
+        policy = self.policy_for(decided)  # one policy for the whole call, even across a reload
+        refusal = self._refusal(decided, policy)
+        if refusal is not None:
+            failed, reply = handlers.unusable_events(decided, refusal)
+            await self._finish(tp.partition, decided, failed, reply, "failed")
+            return
+        assert policy is not None
         try:
             with STAGE_SECONDS.labels("forwarder", "upstream").time():
                 result = await self.upstreams.call(
@@ -401,11 +476,80 @@ class ForwarderService:
             await self._finish(tp.partition, decided, failed, reply, "failed")
             return
         UPSTREAM_CALLS.labels(decided["upstream"], str(result.status)).inc()
-        # Response masking and tool_use command checks plug in here (policy engine, later).
-        terminal, reply = handlers.outcome_events(decided, result, result.body, result.body)
+        guarded = self._guard(decided, policy, result)
+        if isinstance(guarded, str):
+            failed, reply = handlers.unchecked_events(decided, result, guarded)
+            await self._finish(tp.partition, decided, failed, reply, "failed")
+            return
+        terminal, reply = handlers.guarded_events(decided, result, guarded)
         state = "completed" if "latency_ms" in terminal else "failed"
         await self._finish(tp.partition, decided, terminal, reply, state)
         log.debug("call forwarded", extra={"status": result.status, "attempts": len(result.attempts)})
+
+    def policy_for(self, decided: CallDecided) -> ResponsePolicy | None:
+        """The response policy for a decision: that of the bundle version the decision names if
+        this forwarder applied it, else the current one (``None`` while no valid bundle)."""
+        if self.response_policy is None:
+            return None  # an invalid current bundle fails every call closed
+        named = self._policies.get(decided["bundle_version"] or "")
+        return named if named is not None else self.response_policy
+
+    def _refusal(self, decided: CallDecided, policy: ResponsePolicy | None) -> str | None:
+        """Why this call must not be forwarded at all (fail closed), or ``None``."""
+        if policy is None:
+            return (
+                f"skillgate's forwarder has no valid policy bundle ({self.bundle_error}), so it "
+                "cannot check answers; the call was not forwarded"
+            )
+        if decided["stream"] and policy.active(
+            decided["response_mask_upstream"], decided["response_mask_record"]
+        ):
+            return (
+                "streamed responses cannot be checked against policy by this skillgate version; "
+                "the call was not forwarded (send it without stream: true)"
+            )
+        return None
+
+    def _guard(
+        self, decided: CallDecided, policy: ResponsePolicy, result: UpstreamResult
+    ) -> GuardedResponse | str:
+        """Run the response guard; when it fails, the message for a fail-closed outcome instead."""
+        try:
+            with STAGE_SECONDS.labels("forwarder", "guard").time():
+                guarded = guard_response(
+                    policy,
+                    result.status,
+                    result.headers,
+                    result.body,
+                    mask_upstream=decided["response_mask_upstream"],
+                    mask_record=decided["response_mask_record"],
+                )
+        except Exception as exc:
+            detail = str(exc) if isinstance(exc, _SAFE_MESSAGES) else "(message withheld)"
+            log.error(
+                "response guard failed: failing the call closed",
+                extra={"error": type(exc).__name__, "detail": detail, "bundle": policy.label},
+            )
+            GUARDED.labels("unchecked").inc()
+            return (
+                f"skillgate could not check the upstream's answer against policy ({type(exc).__name__}: "
+                f"{detail}), so the answer was withheld; the upstream did process the call"
+            )
+        if guarded.refused:
+            GUARDED.labels("response_blocked").inc()
+        elif guarded.blocked:
+            GUARDED.labels("tool_blocked").inc()
+        elif guarded.masked:
+            GUARDED.labels("masked").inc()
+        if guarded.blocked:
+            log.info(
+                "tool call blocked",
+                extra={
+                    "bundle": policy.label,
+                    "blocked": [(b["tool"], b["rule_id"], b["action"]) for b in guarded.blocked],
+                },
+            )
+        return guarded
 
     async def _finish(
         self,

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 
+from services.forwarder.guard import GuardedResponse
 from services.forwarder.upstream import RETRYABLE_STATUS, UpstreamResult
 from skillgate import events
 from skillgate.errors import error_type_for
-from skillgate.events import CallCompleted, CallDecided, CallFailed, CallReply, Envelope, ForwarderClaim
+from skillgate.events import (
+    CallCompleted,
+    CallDecided,
+    CallFailed,
+    CallReply,
+    Envelope,
+    ForwarderClaim,
+    UpstreamAttempt,
+)
 
 
 def _env(decided: CallDecided, kind: str) -> Envelope:
@@ -25,11 +36,8 @@ def claim_event(decided: CallDecided, state: str, terminal_state: str | None = N
     return ForwarderClaim(**_env(decided, f"claim-{state}"), state=state, terminal_state=terminal_state)
 
 
-def _usage(body: bytes) -> tuple[str, str | None, int | None, int | None]:
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return "", None, None, None
+def _usage(doc: Any) -> tuple[str, str | None, int | None, int | None]:
+    """Model, stop reason and token counts of a parsed Messages response (blanks if not one)."""
     if not isinstance(doc, dict):
         return "", None, None, None
     usage = doc.get("usage") if isinstance(doc.get("usage"), dict) else {}
@@ -48,15 +56,34 @@ def _usage(body: bytes) -> tuple[str, str | None, int | None, int | None]:
     )
 
 
+def _parsed(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+
+
 def outcome_events(
     decided: CallDecided, result: UpstreamResult, caller_body: bytes, record_body: bytes
 ) -> tuple[CallCompleted | CallFailed, CallReply | None]:
+    """:func:`guarded_events` for an answer relayed as it came (``caller_body`` to the caller,
+    ``record_body`` to the record, nothing masked or blocked)."""
+    guarded = GuardedResponse.passthrough(result.status, result.headers, caller_body, record_body)
+    return guarded_events(decided, result, guarded)
+
+
+def guarded_events(
+    decided: CallDecided, result: UpstreamResult, guarded: GuardedResponse
+) -> tuple[CallCompleted | CallFailed, CallReply | None]:
     """The terminal event for the record and the reply for a waiting caller.
 
-    ``completed`` when the upstream gave a final answer (any status it chose, relayed as is);
-    ``failed`` when there was no usable answer: unreachable, no response, or retries exhausted on
-    a retryable status (that last upstream error is relayed to the caller).
+    ``completed`` when the upstream gave a final answer (any status it chose, relayed as is, or
+    the 403 of an answer the response guard refused); ``failed`` when there was no usable answer:
+    unreachable, no response, or retries exhausted on a retryable status (that last upstream
+    error is relayed to the caller). The caller gets ``guarded``'s caller body, the record its
+    record body, masked values and blocked tool calls.
     """
+    caller_body, record_body = guarded.caller_body, guarded.record_body
     if result.status == 0:
         # No answer at all: skillgate's own error for the caller, nothing upstream to record.
         message = f"skillgate could not get an answer from upstream `{decided['upstream']}`: {result.error}"
@@ -96,17 +123,18 @@ def outcome_events(
             upstream=decided["upstream"],
             submitted_at=decided["submitted_at"],
             attempts=result.attempts,
-            headers=result.headers,
+            headers=guarded.headers,
             body=record_body,
         )
         state = "failed"
     else:
-        model, stop, tin, tout = _usage(record_body)
+        usage_doc = guarded.usage_doc if guarded.usage_doc is not None else _parsed(record_body)
+        model, stop, tin, tout = _usage(usage_doc)
         terminal = CallCompleted(
             **_env(decided, "completed"),
             upstream=decided["upstream"],
-            status=result.status,
-            headers=result.headers,
+            status=guarded.status,
+            headers=guarded.headers,
             body=record_body,
             attempts=result.attempts,
             latency_ms=result.latency_ms,
@@ -115,9 +143,10 @@ def outcome_events(
             stop_reason=stop,
             input_tokens=tin,
             output_tokens=tout,
-            masked=[],
+            masked=guarded.masked,
             stream=False,
             submitted_at=decided["submitted_at"],
+            blocked_tools=guarded.blocked,
         )
         state = "completed"
     reply: CallReply | None = None
@@ -126,8 +155,8 @@ def outcome_events(
             **_env(decided, "reply"),
             kind="response",
             seq=0,
-            status=result.status,
-            headers=result.headers,
+            status=guarded.status,
+            headers=guarded.headers,
             body=caller_body,
             terminal_state=state,
         )
@@ -152,8 +181,25 @@ def unusable_events(decided: CallDecided, message: str) -> tuple[CallFailed, Cal
     return _failed(decided, 503, "api_error", message)
 
 
+def unchecked_events(
+    decided: CallDecided, result: UpstreamResult, message: str
+) -> tuple[CallFailed, CallReply | None]:
+    """Outcome of a call whose answer the response guard could not check (fail closed).
+
+    Neither the caller nor the record gets the answer (it may hold what policy says to mask);
+    the record keeps the upstream attempts. The upstream did process the call, so the caller is
+    told not to retry (a retry would be a second, billed upstream call).
+    """
+    return _failed(decided, 503, "api_error", message, retry=False, attempts=result.attempts)
+
+
 def _failed(
-    decided: CallDecided, status: int, etype: str, message: str, retry: bool = True
+    decided: CallDecided,
+    status: int,
+    etype: str,
+    message: str,
+    retry: bool = True,
+    attempts: list[UpstreamAttempt] | None = None,
 ) -> tuple[CallFailed, CallReply | None]:
     failed = events.failed_event(
         decided,
@@ -164,6 +210,7 @@ def _failed(
         message=message,
         upstream=decided["upstream"],
         submitted_at=decided["submitted_at"],
+        attempts=attempts,
     )
     reply = None
     if decided["reply_to"] is not None:

@@ -21,11 +21,21 @@ from services.policy.config import PolicySettings
 from skillgate import events, topics
 from skillgate.codec import CodecError, default_codec
 from skillgate.config import KafkaSettings
-from skillgate.events import CALL_DECIDED, CALL_FAILED, CALL_REPLY, CALL_SUBMITTED, CallSubmitted
+from skillgate.events import (
+    APPROVAL_REQUESTED,
+    CALL_DECIDED,
+    CALL_FAILED,
+    CALL_REPLY,
+    CALL_SUBMITTED,
+    CallSubmitted,
+)
+from skillgate.fingerprints import load_fingerprint_key
 from skillgate.kafka import dead_letter_value
 from skillgate.logs import call_context
 from skillgate.metrics import DEAD_LETTERS, EVENTS_CONSUMED, EVENTS_PRODUCED, STAGE_SECONDS
 from skillgate.policy.bundle import Bundle, BundleError, load_bundle
+from skillgate.policy.engine import MemoryRateCounter, Verdict
+from skillgate.policy.masking import Masker
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +70,10 @@ class PolicyService:
         self.codec = default_codec()
         self.bundle: Bundle | None = None
         self.bundle_error: str | None = None
+        self.masker: Masker | None = None
+        self.fingerprint_key = load_fingerprint_key()
+        # Per replica for now: with N policy replicas a caller may reach N times a limit.
+        self.counter = MemoryRateCounter()
         self.reload_bundle()
         brokers = [f"kafka://{b.strip()}" for b in kafka.bootstrap.split(",")]
         self.app = _App(
@@ -83,6 +97,9 @@ class PolicyService:
         )
         self._decided = self.app.topic(topics.name(kafka, topics.DECIDED), key_type=bytes, value_type=bytes)
         self._failed = self.app.topic(topics.name(kafka, topics.FAILED), key_type=bytes, value_type=bytes)
+        self._approvals = self.app.topic(
+            topics.name(kafka, topics.APPROVALS_REQUESTED), key_type=bytes, value_type=bytes
+        )
         self._deadletter = self.app.topic(
             topics.name(kafka, topics.DEADLETTER), key_type=bytes, value_type=bytes
         )
@@ -94,12 +111,16 @@ class PolicyService:
     def reload_bundle(self) -> None:
         """(Re)load the bundle; an invalid bundle makes every call fail closed until fixed."""
         try:
-            self.bundle = load_bundle(self.settings.bundle)
-            self.bundle_error = None
-            log.info("policy bundle loaded", extra={"bundle": self.bundle.label})
+            self.use_bundle(load_bundle(self.settings.bundle))
         except BundleError as exc:
             self.bundle, self.bundle_error = None, str(exc)
             log.error("policy bundle invalid: calls fail closed", extra={"error": str(exc)})
+
+    def use_bundle(self, bundle: Bundle) -> None:
+        """Apply ``bundle`` from now on (detectors and masker are built once per bundle)."""
+        self.masker = Masker(bundle.detectors, self.fingerprint_key)
+        self.bundle, self.bundle_error = bundle, None
+        log.info("policy bundle applied", extra={"bundle": bundle.label, "rules": len(bundle.rules)})
 
     def _reply_topic(self, name: str) -> faust.TopicT:
         topic = self._replies.get(name)
@@ -146,13 +167,32 @@ class PolicyService:
         session_key = submitted["session_id"].encode()
         with STAGE_SECONDS.labels("policy", "decide").time():
             bundle = self.bundle
+            verdict: Verdict | None = None
+            error_text = ""
             try:
                 if bundle is None:
                     raise RuntimeError(self.bundle_error or "no policy bundle loaded")
-                verdict = handlers.decide(submitted, bundle)
-            except Exception as exc:  # fail closed on anything that prevents a decision
-                log.error("cannot decide: failing the call closed", extra={"error": str(exc)})
-                failed, reply = handlers.failure_events(submitted, bundle.label if bundle else None, str(exc))
+                verdict = handlers.decide(submitted, bundle, self.masker, self.counter)
+            except Exception as exc:
+                error_text = str(exc)
+                if bundle is not None and bundle.fail_open:
+                    # An operator chose fail-open for this bundle: the call goes through as sent,
+                    # and the record says so.
+                    log.error(
+                        "cannot decide: fail-open bundle lets the call through", extra={"error": str(exc)}
+                    )
+                    verdict = Verdict(
+                        decision="allow",
+                        reason=f"fail-open: policy could not run ({exc})",
+                        body=submitted["body"],
+                        upstream=submitted["upstream"] or "default",
+                        fail_open=True,
+                    )
+            if verdict is None:  # fail closed on anything that prevents a decision
+                log.error("cannot decide: failing the call closed", extra={"error": error_text})
+                failed, reply = handlers.failure_events(
+                    submitted, bundle.label if bundle else None, error_text
+                )
                 await self._confirm(
                     await self._failed.send(key=session_key, value=self.codec.encode(CALL_FAILED, failed))
                 )
@@ -160,6 +200,7 @@ class PolicyService:
                 if reply is not None and submitted["reply_to"] is not None:
                     await self._send_reply(submitted["reply_to"], session_key, reply)
                 return
+            assert bundle is not None  # a verdict exists only when a bundle was applied
             decided = handlers.decided_event(submitted, bundle, verdict)
         await self._confirm(
             await self._decided.send(key=session_key, value=self.codec.encode(CALL_DECIDED, decided))
@@ -173,7 +214,18 @@ class PolicyService:
                 "rules": decided["rule_ids"],
             },
         )
-        reply = handlers.refusal_reply(decided)
+        if verdict.decision == "require_approval":
+            requested, failed, reply = handlers.approval_events(submitted, bundle, verdict)
+            await self._confirm(
+                await self._approvals.send(
+                    key=session_key, value=self.codec.encode(APPROVAL_REQUESTED, requested)
+                )
+            )
+            await self._confirm(
+                await self._failed.send(key=session_key, value=self.codec.encode(CALL_FAILED, failed))
+            )
+        else:
+            reply = handlers.refusal_reply(decided)
         if reply is not None and decided["reply_to"] is not None:
             await self._send_reply(decided["reply_to"], session_key, reply)
 

@@ -12,19 +12,94 @@ import logging
 import orjson
 
 from skillgate import events
-from skillgate.events import CallDecided, CallFailed, CallReply, CallSubmitted
-from skillgate.policy.bundle import Bundle
-from skillgate.policy.engine import Verdict, evaluate
+from skillgate.events import ApprovalRequested, CallDecided, CallFailed, CallReply, CallSubmitted
+from skillgate.policy.bundle import ApprovalSpec, Bundle
+from skillgate.policy.engine import CallContext, RateCounter, Verdict, evaluate, prompt_text
+from skillgate.policy.masking import Masker
 
 log = logging.getLogger(__name__)
 
 
-def decide(submitted: CallSubmitted, bundle: Bundle) -> Verdict:
+def decide(
+    submitted: CallSubmitted,
+    bundle: Bundle,
+    masker: Masker | None = None,
+    counter: RateCounter | None = None,
+) -> Verdict:
     """Evaluate ``submitted`` under ``bundle``; raises on anything that prevents a decision."""
     request = orjson.loads(submitted["body"])
     if not isinstance(request, dict):
         raise ValueError("request body is not a JSON object")
-    return evaluate(bundle, submitted["body"], request, submitted["upstream"])
+    ctx = CallContext(
+        identity=submitted["identity"],
+        request=request,
+        body=submitted["body"],
+        headers=submitted["headers"],
+        upstream=submitted["upstream"],
+    )
+    return evaluate(bundle, ctx, masker, counter)
+
+
+def approval_events(
+    submitted: CallSubmitted, bundle: Bundle, verdict: Verdict
+) -> tuple[ApprovalRequested, CallFailed, CallReply | None]:
+    """A call that needs a human's approval: the request event, and (until the approval workflow
+    exists) the call ends closed with a clear error, so it still has exactly one terminal state."""
+    call_id = submitted["call_id"]
+    approval_id = "apr_" + events.derived_event_id(call_id, "approval").replace("-", "")[:24]
+    spec = verdict.approval or ApprovalSpec()
+    record = verdict.record_body or verdict.body or b""
+    ident = submitted["identity"]
+    try:
+        excerpt = prompt_text(orjson.loads(record))[:500]
+    except (orjson.JSONDecodeError, TypeError):
+        excerpt = ""
+    summary = (
+        f"{ident['username'] or ident['subject']} ({', '.join(ident['groups']) or 'no groups'}) asks "
+        f"{submitted['model'] or 'a model'}; rules: {', '.join(verdict.rule_ids) or '-'}; {verdict.reason}"
+    )
+    requested = ApprovalRequested(
+        **events.envelope(
+            call_id,
+            submitted["session_id"],
+            ident,
+            bundle.label,
+            event_id=events.derived_event_id(call_id, "approval-requested"),
+        ),
+        approval_id=approval_id,
+        rule_ids=verdict.rule_ids,
+        reason=verdict.reason,
+        summary=summary[:1000],
+        excerpt=excerpt,  # from the body as recorded: masked for the record
+        approver_groups=spec.groups,
+        quorum=spec.quorum,
+        expires_at=events.now_micros() + spec.timeout_seconds * 1_000_000,
+    )
+    message = (
+        f"this call needs a human's approval ({verdict.reason}; approval id {approval_id}), and this "
+        "skillgate version cannot grant approvals yet, so the call was not forwarded"
+    )
+    failed = events.failed_event(
+        submitted,
+        bundle.label,
+        stage="policy",
+        status=403,
+        error_type="permission_error",
+        message=message,
+        upstream=None,
+        submitted_at=submitted["time"],
+    )
+    reply = None
+    if submitted["reply_to"] is not None:
+        reply = events.error_reply(
+            submitted,
+            bundle.label,
+            status=403,
+            message=message,
+            error_type="permission_error",
+            terminal_state="failed",
+        )
+    return requested, failed, reply
 
 
 def decided_event(submitted: CallSubmitted, bundle: Bundle, verdict: Verdict) -> CallDecided:
@@ -57,9 +132,11 @@ def decided_event(submitted: CallSubmitted, bundle: Bundle, verdict: Verdict) ->
         body=verdict.body if verdict.decision == "allow" else None,
         record_body=verdict.record_body,
         masked=verdict.masked,
-        fail_open=False,
+        fail_open=verdict.fail_open,
         submitted_at=submitted["time"],
         approval_id=submitted["approval_id"],
+        response_mask_upstream=verdict.response_mask_upstream,
+        response_mask_record=verdict.response_mask_record,
     )
 
 

@@ -10,6 +10,10 @@ Anthropic shape and every response carries a ``request-id`` header.
   for which call ids exist.
 * ``POST /v1/audit/sql``: auditors only; ``{"query": ..., "format": "json" | "tsv"}``. The
   statement is checked and run read-only with time, memory and row limits (see the store).
+* ``POST /v1/audit/find-secret``: auditors only; ``{"value": ...}``. The value's HMAC
+  fingerprint (under the same key as policy and forwarder) is looked up among recorded masked
+  values: which calls carried it, when, by whom, where and in which scope. The value is
+  neither stored, nor logged, nor echoed; the answer names the fingerprint.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import asyncio
 import hashlib
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Literal
@@ -39,8 +43,10 @@ from skillgate import metrics
 from skillgate.config import RoleSettings
 from skillgate.errors import GatewayError, error_body, error_type_for, new_request_id
 from skillgate.events import Identity
+from skillgate.fingerprints import load_fingerprint_key
 from skillgate.identity import Role, roles_for
 from skillgate.oidc import AuthError, TokenVerifier, bearer_from_headers
+from skillgate.policy.masking import fingerprint as hmac_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +61,21 @@ class SQLRequest(BaseModel):
 
     query: str = Field(min_length=1, max_length=100_000, description="One read-only statement.")
     format: Literal["json", "tsv"] = Field(default="json", description="Result encoding.")
+
+
+class FindSecretRequest(BaseModel):
+    """Body of ``POST /v1/audit/find-secret``."""
+
+    value: str = Field(
+        min_length=1,
+        max_length=100_000,
+        strict=True,
+        description="The exact value (a leaked key, an address...); only its fingerprint is used.",
+    )
+
+
+#: Most masked occurrences one find-secret answer lists.
+FIND_SECRET_MAX_EVENTS = 1000
 
 
 class RequestIdMiddleware:
@@ -200,9 +221,23 @@ def create_app(
     verifier: TokenVerifier,
     settings: RecorderSettings,
     roles: RoleSettings | None = None,
+    fingerprint_key: bytes | Callable[[], bytes] = load_fingerprint_key,
 ) -> FastAPI:
-    """The read API over ``store``; tokens are checked by ``verifier``, roles by ``roles``."""
+    """The read API over ``store``; tokens are checked by ``verifier``, roles by ``roles``.
+
+    ``fingerprint_key`` is the HMAC key of masked values' fingerprints, or a function that
+    loads it (default: :func:`~skillgate.fingerprints.load_fingerprint_key` from the
+    environment, on the first find-secret request). It must be policy's and forwarder's key.
+    """
     role_settings = roles or RoleSettings()
+    key_cache: list[bytes] = [fingerprint_key] if isinstance(fingerprint_key, bytes) else []
+
+    def the_key() -> bytes:
+        if not key_cache:
+            assert callable(fingerprint_key)
+            key_cache.append(fingerprint_key())
+        return key_cache[0]
+
     app = FastAPI(
         title="skillgate recorder",
         description=__doc__,
@@ -333,6 +368,47 @@ def create_app(
             "row_count": result.row_count,
             "elapsed_ms": result.elapsed_ms,
             "truncated": result.truncated,
+        }
+        return Response(content=dumps(doc), media_type=JSON)
+
+    @app.post("/v1/audit/find-secret")
+    async def find_secret(body: FindSecretRequest, request: Request) -> Response:
+        """Whether, when and by whom a value passed through masked (auditors only)."""
+        identity = await authenticate(request)
+        if Role.AUDITOR not in roles_for(identity, role_settings):
+            raise GatewayError(403, "the auditor role is required to search for masked values")
+        try:
+            key = the_key()
+        except (OSError, ValueError) as exc:
+            log.error("fingerprint key unavailable", extra={"error": type(exc).__name__})
+            raise GatewayError(503, "the fingerprint key is not available to the recorder") from None
+        fp = hmac_fingerprint(body.value, key)
+        try:
+            hits, truncated = await asyncio.to_thread(
+                store.find_masked,
+                fp,
+                limit=FIND_SECRET_MAX_EVENTS,
+                max_seconds=settings.sql_max_seconds,
+            )
+        except StoreError as exc:
+            raise GatewayError(503, f"the audit store is unavailable: {exc.message}") from None
+        calls = sorted({str(h["call_id"]) for h in hits})
+        # Who searched is part of the audit trail; what was searched for is only its fingerprint.
+        log.info(
+            "audit find-secret",
+            extra={
+                "subject": identity["subject"],
+                "fingerprint": fp[:16],
+                "occurrences": len(hits),
+                "calls": len(calls),
+            },
+        )
+        doc = {
+            "fingerprint": fp,
+            "found": bool(hits),
+            "call_count": len(calls),
+            "matches": hits,
+            "truncated": truncated,
         }
         return Response(content=dumps(doc), media_type=JSON)
 

@@ -99,3 +99,71 @@ def sql_command(
     if doc.get("truncated"):
         print(f"note: the result was cut at {len(rows)} rows (add a LIMIT)", file=err)
     return 0
+
+
+def read_secret_value(arg: str, stdin: TextIO) -> str | None:
+    """The value to search for: ``arg``, or stdin when ``arg`` is ``-`` (trailing newline cut).
+
+    None when nothing was given. Reading from stdin keeps the value out of the process list
+    and the shell history.
+    """
+    value = stdin.read().rstrip("\r\n") if arg == "-" else arg
+    return value or None
+
+
+FIND_SECRET_COLUMNS = ("call_id", "time", "subject", "direction", "type", "location", "scope")
+
+
+def find_secret_command(
+    value: str,
+    fmt: str,
+    recorder_url: str,
+    token: str,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Ask the recorder whether ``value`` was masked in any recorded call, and print where.
+
+    ``fmt`` is ``table`` or ``json`` (one JSON object per occurrence). Returns 0 when the value
+    was found, 1 when it never passed through (masked), 2 when the recorder refused or is
+    unreachable. The value is sent once over the API and printed nowhere.
+    """
+    out = out or sys.stdout
+    err = err or sys.stderr
+    url = recorder_url.rstrip("/") + "/v1/audit/find-secret"
+    try:
+        response = httpx.post(
+            url, json={"value": value}, headers={"authorization": f"Bearer {token}"}, timeout=TIMEOUT_SECONDS
+        )
+    except httpx.ConnectError:
+        print(
+            f"error: the recorder is not reachable at {recorder_url}. Is it running? "
+            "(the address is SKILLGATE_RECORDER_URL)",
+            file=err,
+        )
+        return 2
+    except httpx.HTTPError as exc:
+        print(f"error: no answer from the recorder at {recorder_url}: {type(exc).__name__}", file=err)
+        return 2
+    if response.status_code != 200:
+        print(f"error ({response.status_code}): {_error_message(response)}", file=err)
+        return 2
+    doc = response.json()
+    matches: list[dict[str, Any]] = list(doc.get("matches") or [])
+    fingerprint = str(doc.get("fingerprint", ""))[:16]
+    if fmt == "json":
+        for match in matches:
+            print(orjson.dumps(match).decode(), file=out)
+    elif not matches:
+        print(f"not found: no recorded call carried this value (fingerprint {fingerprint}…)", file=out)
+    else:
+        rows = [[m.get(c) for c in FIND_SECRET_COLUMNS] for m in matches]
+        print(render_table(FIND_SECRET_COLUMNS, rows), file=out)
+        calls = doc.get("call_count", 0)
+        print(
+            f"({len(matches)} occurrence(s) in {calls} call(s); fingerprint {fingerprint}…)",
+            file=out,
+        )
+    if doc.get("truncated"):
+        print("note: only the oldest occurrences are listed; narrow down with `skillgate sql`", file=err)
+    return 0 if matches else 1

@@ -476,6 +476,66 @@ class AuditStore:
         row = result.result_rows[0]
         return {name: _aware(value) for name, value in zip(result.column_names, row, strict=True)}
 
+    def find_masked(
+        self, fingerprint: str, *, limit: int = 1000, max_seconds: float = 10.0
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Every recorded masking of the value whose HMAC fingerprint is ``fingerprint``.
+
+        Returns one dict per masked occurrence, oldest first (call id, time, subject, username,
+        the event that reported it and the direction, type, placeholder, location, span, scope,
+        bundle version), and whether the result was cut at ``limit`` events. The folded
+        ``call_parts.masked_fingerprints`` narrows the search to the calls concerned; their
+        events (read through the primary key) give the details each ``MaskedValue`` recorded.
+        Only fingerprints are compared: the value itself is never in the store.
+        """
+        if not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
+            raise ValueError("a fingerprint is 64 lowercase hex digits (HMAC-SHA256)")
+        db = self.database
+        with self._use(self._analyst) as client:
+            try:
+                result = client.query(
+                    f"SELECT call_id, event_id, event_type, time, subject, username, bundle_version, "  # noqa: S608
+                    f"payload FROM {db}.events "
+                    f"WHERE call_id IN (SELECT call_id FROM {db}.call_parts "
+                    "WHERE has(masked_fingerprints, {fp:String})) "
+                    "AND position(payload, {fp:String}) > 0 "
+                    "ORDER BY time, event_id LIMIT 1 BY event_id LIMIT {limit:UInt32}",
+                    parameters={"fp": fingerprint, "limit": limit + 1},
+                    settings={"readonly": 1, "max_execution_time": max_seconds},
+                )
+            except ClickHouseError as exc:
+                raise StoreError(_clean_error(str(exc))) from exc
+        rows = result.result_rows
+        truncated = len(rows) > limit
+        direction = {"CallDecided": "request", "CallCompleted": "response"}
+        hits: list[dict[str, Any]] = []
+        for call_id, _event_id, event_type, at, subject, username, bundle_version, payload in rows[:limit]:
+            try:
+                masked = orjson.loads(payload).get("masked") or []
+            except (orjson.JSONDecodeError, AttributeError):
+                continue
+            for item in masked:
+                if not isinstance(item, dict) or item.get("fingerprint") != fingerprint:
+                    continue
+                hits.append(
+                    {
+                        "call_id": call_id,
+                        "time": _aware(at),
+                        "subject": subject,
+                        "username": username,
+                        "event": event_type,
+                        "direction": direction.get(str(event_type), str(event_type)),
+                        "type": item.get("type"),
+                        "placeholder": item.get("placeholder"),
+                        "location": item.get("location"),
+                        "start": item.get("start"),
+                        "end": item.get("end"),
+                        "scope": item.get("scope"),
+                        "bundle_version": bundle_version,
+                    }
+                )
+        return hits, truncated
+
     def _refresh_other_databases(self, client: Client) -> frozenset[str]:
         # Other databases can appear at any time on a server; refresh the list once a minute.
         if time.monotonic() - self._other_dbs_at > 60:

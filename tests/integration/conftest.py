@@ -59,16 +59,28 @@ def stack(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 def _session_stack(
-    tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, letter: str, env: dict[str, str]
+    tmp_path_factory: pytest.TempPathFactory,
+    kafka_bootstrap: str,
+    letter: str,
+    env: dict[str, str],
+    stub_key: str | None = None,
 ) -> Iterator[Stack]:
-    """Start a stack on the session broker with its own topic prefix and data dir; stop it after."""
+    """Start a stack on the session broker with its own topic prefix and data dir; stop it after.
+
+    ``STUB`` in ``SKILLGATE_FORWARDER_UPSTREAMS`` stands for the stack's stub URL (its port is
+    only chosen here).
+    """
+    ports = StackPorts.free()
+    env = {k: v.replace("STUB", f"http://127.0.0.1:{ports.stub}") for k, v in env.items()}
     s = Stack(
         data_dir=Path(tmp_path_factory.mktemp(f"{letter}-stack")),
-        ports=StackPorts.free(),
+        ports=ports,
         kafka_bootstrap=kafka_bootstrap,
         topic_prefix=f"{letter}{uuid.uuid4().hex[:8]}.",
         extra_env={"SKILLGATE_LOG_LEVEL": "INFO", **env},
     )
+    if stub_key is not None:
+        s.stub_key = stub_key
     try:
         s.start()
         yield s
@@ -113,3 +125,28 @@ def alice_token(stack: Stack) -> str:
 def auditor_token(stack: Stack) -> str:
     """An auditor token."""
     return stack.token("audrey", ["auditors"])
+
+
+#: The bundle of :func:`policy_stack`: one rule per action.
+ACTIONS_BUNDLE = Path(__file__).with_name("bundles") / "actions.yaml"
+
+
+@pytest.fixture(scope="session")
+def policy_stack(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A stack applying ``bundles/actions.yaml``, with a second upstream connection ``second``
+    (the same stub, its own key) for the route rule."""
+    placeholder = Stack(data_dir=Path())  # only for its stub key
+    upstreams = {
+        name: {"base_url": "STUB", "api_key": placeholder.stub_key, "api_key_env": None}
+        for name in ("default", "second")
+    }
+    yield from _session_stack(
+        tmp_path_factory,
+        kafka_bootstrap,
+        "p",
+        {
+            "SKILLGATE_POLICY_BUNDLE": str(ACTIONS_BUNDLE),
+            "SKILLGATE_FORWARDER_UPSTREAMS": json.dumps(upstreams),
+        },
+        stub_key=placeholder.stub_key,
+    )

@@ -53,7 +53,7 @@ EVENT_NAMES = [
     events.FORWARDER_CLAIM,
     events.DEAD_LETTER,
 ]
-SUBRECORD_NAMES = ["Identity", "ReplyTo", "UpstreamAttempt", "MaskedValue"]
+SUBRECORD_NAMES = ["Identity", "ReplyTo", "UpstreamAttempt", "MaskedValue", "BlockedTool"]
 ALL_SCHEMA_NAMES = sorted(EVENT_NAMES + SUBRECORD_NAMES)
 
 CALL_ID = events.new_call_id()
@@ -190,6 +190,15 @@ def _completed() -> CallCompleted:
         masked=_masked(),
         stream=False,
         submitted_at=events.now_micros() - 1_500_000,
+        blocked_tools=[
+            {
+                "tool_use_id": "toolu_01",
+                "tool": "bash",
+                "rule_id": "destructive-shell",
+                "reason": "destructive shell command",
+                "action": "block_tool",
+            }
+        ],
     )
 
 

@@ -16,7 +16,8 @@ from skillgate import events
 from skillgate.codec import AvroCodec
 from skillgate.events import CallSubmitted, ReplyTo
 from skillgate.policy.bundle import DEFAULT_BUNDLE, Bundle, BundleError, load_bundle, parse_bundle
-from skillgate.policy.engine import evaluate
+from skillgate.policy.engine import CallContext, Verdict, evaluate
+from skillgate.policy.masking import Masker
 from tests import factories
 
 CODEC = AvroCodec()
@@ -54,6 +55,11 @@ def default_bundle() -> Bundle:
     return load_bundle(DEFAULT_BUNDLE)
 
 
+@pytest.fixture(scope="module")
+def masker(default_bundle: Bundle) -> Masker:
+    return Masker(default_bundle.detectors, b"unit-test-fingerprint-key")
+
+
 @pytest.fixture
 def deny_bundle(tmp_path: Path) -> Bundle:
     return load_bundle(_write(tmp_path, "name: lockdown\nversion: '7'\ndefault_action: deny\n"))
@@ -64,23 +70,30 @@ def deny_bundle(tmp_path: Path) -> Bundle:
 
 def test_default_bundle_loads(default_bundle: Bundle) -> None:
     assert DEFAULT_BUNDLE.name == "default.yaml"
-    assert default_bundle.name == "default"
-    assert default_bundle.version == "2026.11.21-1"
-    assert default_bundle.label == "default@2026.11.21-1"
-    assert default_bundle.default_action == "allow"
-    assert default_bundle.rules == ()
+    assert default_bundle.label == "default@2026.11.21-2"
+    assert default_bundle.default_action == "allow" and default_bundle.fail_open is False
+    assert [r.rule.id for r in default_bundle.rules] == [
+        "mask-secrets",
+        "mask-pii-in-responses",
+        "mask-pii-in-record",
+        "approve-large-prompts",
+    ]
+    assert {t.rule.id for t in default_bundle.tool_rules} >= {"destructive-shell", "pipe-download-to-shell"}
     assert len(default_bundle.sha256) == 64
     assert default_bundle.source == DEFAULT_BUNDLE.read_text()
 
 
-def test_default_bundle_allows_and_records_its_label(default_bundle: Bundle) -> None:
+def test_default_bundle_allows_and_records_its_label(default_bundle: Bundle, masker: Masker) -> None:
     submitted = _submitted()
-    verdict = decide(submitted, default_bundle)
+    verdict = decide(submitted, default_bundle, masker)
     decided = decided_event(submitted, default_bundle, verdict)
     assert decided["decision"] == "allow"
-    assert decided["bundle_version"] == "default@2026.11.21-1"
+    assert decided["bundle_version"] == "default@2026.11.21-2"
     assert default_bundle.label in decided["reason"]
     assert decided["body"] == BODY  # forwarded byte for byte when nothing is masked
+    assert decided["record_body"] is None
+    assert decided["rule_ids"] == ["mask-secrets", "mask-pii-in-responses", "mask-pii-in-record"]
+    assert "EMAIL" in decided["response_mask_upstream"] and "EMAIL" not in decided["response_mask_record"]
     assert decided["upstream"] == "default"
     assert decided["status"] == 0 and decided["error_type"] is None
     assert decided["call_id"] == submitted["call_id"]
@@ -100,20 +113,23 @@ def test_the_callers_upstream_choice_is_kept_when_the_bundle_offers_it() -> None
     assert decided_event(submitted, bundle, decide(submitted, bundle))["upstream"] == "eu"
 
 
-def test_the_default_bundle_offers_callers_only_the_default_upstream(default_bundle: Bundle) -> None:
+def test_the_default_bundle_offers_callers_only_the_default_upstream(
+    default_bundle: Bundle, masker: Masker
+) -> None:
     submitted = _submitted(upstream="eu")
-    decided = decided_event(submitted, default_bundle, decide(submitted, default_bundle))
+    decided = decided_event(submitted, default_bundle, decide(submitted, default_bundle, masker))
     assert decided["decision"] == "deny" and decided["body"] is None
 
 
-def test_decided_ids_derive_from_the_call_id(default_bundle: Bundle) -> None:
+def test_decided_ids_derive_from_the_call_id(default_bundle: Bundle, masker: Masker) -> None:
     submitted = _submitted()
-    first = decided_event(submitted, default_bundle, decide(submitted, default_bundle))
-    again = decided_event(submitted, default_bundle, decide(submitted, default_bundle))
+    first = decided_event(submitted, default_bundle, decide(submitted, default_bundle, masker))
+    again = decided_event(submitted, default_bundle, decide(submitted, default_bundle, masker))
     assert first["event_id"] == again["event_id"] == events.derived_event_id(submitted["call_id"], "decided")
     other = _submitted()
     assert (
-        decided_event(other, default_bundle, decide(other, default_bundle))["event_id"] != first["event_id"]
+        decided_event(other, default_bundle, decide(other, default_bundle, masker))["event_id"]
+        != first["event_id"]
     )
 
 
@@ -154,16 +170,24 @@ def test_deny_without_a_waiting_caller_has_no_reply(deny_bundle: Bundle) -> None
 # ------------------------------------------------------------------------- bundles
 
 
-def test_bundle_with_rules_is_refused_naming_file_and_field(tmp_path: Path) -> None:
+def test_unknown_rule_field_is_refused_naming_file_line_and_field(tmp_path: Path) -> None:
     path = _write(
         tmp_path, "name: strict\nrules:\n  - id: no-bash\n    match: {tool: bash}\n    action: deny\n"
     )
     with pytest.raises(BundleError) as info:
         load_bundle(path)
     message = str(info.value)
-    assert str(path) in message
-    assert "`rules`" in message
-    assert "refusing" in message
+    assert f"{path}:4:" in message
+    assert "`rules[0].match.tool`" in message
+
+
+def test_pattern_re2_refuses_is_a_validation_error(tmp_path: Path) -> None:
+    # A backreference: RE2 (linear time) refuses it, so the bundle does not load.
+    text = "name: s\nrules:\n  - id: r\n    match:\n      content: ['(a)\\1']\n    action: deny\n"
+    assert "(a)\\1" in text
+    path = _write(tmp_path, text)
+    with pytest.raises(BundleError, match=r"bundle.yaml:5: field `rules\[0\].match.content\[0\]`: RE2"):
+        load_bundle(path)
 
 
 @pytest.mark.parametrize(
@@ -276,9 +300,13 @@ def test_failure_events_without_a_bundle_or_a_waiting_caller() -> None:
 
 def test_caller_may_only_choose_an_upstream_the_bundle_offers() -> None:
     bundle = parse_bundle('name: b\nversion: "1"\ncaller_upstreams: [default, batch]\n')
-    assert evaluate(bundle, b"{}", {}, "batch").decision == "allow"
-    assert evaluate(bundle, b"{}", {}, "batch").upstream == "batch"
-    refused = evaluate(bundle, b"{}", {}, "other")
+
+    def run(upstream: str) -> Verdict:
+        ctx = CallContext(identity=factories.identity(), request={}, body=b"{}", upstream=upstream)
+        return evaluate(bundle, ctx)
+
+    assert run("batch").decision == "allow" and run("batch").upstream == "batch"
+    refused = run("other")
     assert refused.decision == "deny" and refused.status == 403 and "`other`" in refused.reason
     assert refused.body is None and refused.record_body == b"{}"
     with pytest.raises(BundleError, match="caller_upstreams"):

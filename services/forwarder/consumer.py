@@ -54,6 +54,7 @@ from skillgate.logs import call_context
 from skillgate.metrics import EVENTS_CONSUMED, EVENTS_PRODUCED, STAGE_SECONDS
 from skillgate.policy.bundle import Bundle, BundleError, load_bundle
 from skillgate.policy.detectors import DetectorError
+from skillgate.policy.distribution import BundleWatcher
 from skillgate.policy.masking import MaskingError
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,8 @@ class ForwarderService:
         # The response guard's policy: None (with bundle_error) while no valid bundle is loaded,
         # and then every allowed call fails closed.
         self.response_policy: ResponsePolicy | None = None
+        # Published bundles (hot reload); set by main once the watcher has caught up.
+        self.watcher: BundleWatcher | None = None
         self.bundle_error: str | None = "no policy bundle loaded"
         # Policies of bundles applied before, by label, so a decision made under an earlier
         # version is checked with that version's rules and detectors (bounded).
@@ -491,8 +494,22 @@ class ForwarderService:
         this forwarder applied it, else the current one (``None`` while no valid bundle)."""
         if self.response_policy is None:
             return None  # an invalid current bundle fails every call closed
-        named = self._policies.get(decided["bundle_version"] or "")
+        label = decided["bundle_version"] or ""
+        named = self._policies.get(label)
+        if named is None and self.watcher is not None:
+            # Decided under a published version this replica never applied: finish the call
+            # under that version (its masking and guardrails), without making it current.
+            published = self.watcher.bundle_for(label)
+            if published is not None and self._fingerprint_key is not None:
+                named = ResponsePolicy.build(published, self._fingerprint_key)
+                self._policies[label] = named
         return named if named is not None else self.response_policy
+
+    @property
+    def bundle_name(self) -> str:
+        """The bundle name this replica follows on the bundles topic."""
+        policy = self.response_policy
+        return policy.bundle.name if policy is not None else "default"
 
     def _refusal(self, decided: CallDecided, policy: ResponsePolicy | None) -> str | None:
         """Why this call must not be forwarded at all (fail closed), or ``None``."""

@@ -9,6 +9,7 @@ exactly-once mode has open crash bugs, so it is not used.)
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Any
@@ -34,6 +35,7 @@ from skillgate.kafka import dead_letter_value
 from skillgate.logs import call_context
 from skillgate.metrics import DEAD_LETTERS, EVENTS_CONSUMED, EVENTS_PRODUCED, STAGE_SECONDS
 from skillgate.policy.bundle import Bundle, BundleError, load_bundle
+from skillgate.policy.distribution import BundleWatcher
 from skillgate.policy.engine import MemoryRateCounter, Verdict
 from skillgate.policy.masking import Masker
 
@@ -107,6 +109,11 @@ class PolicyService:
         # Several actors, so waiting for one decision's acknowledgement does not hold the others
         # back; faust commits only up to the oldest event not yet done.
         self.app.agent(self._submitted, name="decide", concurrency=policy.concurrency)(self._agent)
+        self.watcher: BundleWatcher | None = None
+        # Decisions wait until the published bundles have been read once (bounded by 30 s), so
+        # none is made under the file bundle when a newer one was published.
+        self._bundles_ready = asyncio.Event()
+        self.app.task(self._follow_published_bundles)
 
     def reload_bundle(self) -> None:
         """(Re)load the bundle; an invalid bundle makes every call fail closed until fixed."""
@@ -115,6 +122,30 @@ class PolicyService:
         except BundleError as exc:
             self.bundle, self.bundle_error = None, str(exc)
             log.error("policy bundle invalid: calls fail closed", extra={"error": str(exc)})
+
+    async def _follow_published_bundles(self) -> None:
+        """Apply bundles published to ``policy.bundles`` from now on, without a restart.
+
+        Runs when the worker starts. The file bundle applies until a published version of the
+        same name exists (the name of the file bundle, ``default`` if the file is invalid).
+        """
+        name = self.bundle.name if self.bundle is not None else "default"
+        watcher = BundleWatcher(self.kafka, name, on_bundle=self.use_bundle)
+        if self.bundle is not None:
+            watcher.remember(self.bundle)
+        try:
+            await watcher.start()
+            self.watcher = watcher
+            async with asyncio.timeout(30):
+                published = await watcher.wait_caught_up()
+            if published is not None:
+                log.info("published policy bundle applied", extra={"bundle": published.label})
+        except TimeoutError:
+            log.warning("policy bundles topic not read within 30 s; keeping the file bundle for now")
+        except Exception as exc:
+            log.error("cannot follow published bundles; the file bundle stays", extra={"error": str(exc)})
+        finally:
+            self._bundles_ready.set()
 
     def use_bundle(self, bundle: Bundle) -> None:
         """Apply ``bundle`` from now on (detectors and masker are built once per bundle)."""
@@ -141,6 +172,8 @@ class PolicyService:
     async def handle(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes) -> None:
         """Decide on one submitted call (or dead-letter it) and publish the outcome."""
         EVENTS_CONSUMED.labels("policy", topics.SUBMITTED).inc()
+        if not self._bundles_ready.is_set():
+            await self._bundles_ready.wait()
         try:
             _, record = self.codec.decode(value, expected=CALL_SUBMITTED)
         except CodecError as exc:

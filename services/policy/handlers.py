@@ -79,26 +79,7 @@ def approval_events(
         f"this call needs a human's approval ({verdict.reason}; approval id {approval_id}), and this "
         "skillgate version cannot grant approvals yet, so the call was not forwarded"
     )
-    failed = events.failed_event(
-        submitted,
-        bundle.label,
-        stage="policy",
-        status=403,
-        error_type="permission_error",
-        message=message,
-        upstream=None,
-        submitted_at=submitted["time"],
-    )
-    reply = None
-    if submitted["reply_to"] is not None:
-        reply = events.error_reply(
-            submitted,
-            bundle.label,
-            status=403,
-            message=message,
-            error_type="permission_error",
-            terminal_state="failed",
-        )
+    failed, reply = _ends_here(submitted, bundle.label, 403, "permission_error", message)
     return requested, failed, reply
 
 
@@ -159,12 +140,19 @@ def failure_events(
 ) -> tuple[CallFailed, CallReply | None]:
     """Fail-closed outcome when policy cannot decide: a recorded failure and the caller's error."""
     message = f"policy could not evaluate this call, so it was not forwarded: {reason}"
+    return _ends_here(submitted, bundle_label, 503, "api_error", message)
+
+
+def _ends_here(
+    submitted: CallSubmitted, bundle_label: str | None, status: int, error_type: str, message: str
+) -> tuple[CallFailed, CallReply | None]:
+    """A call that ends in policy: its recorded failure, and the error for a waiting caller."""
     failed = events.failed_event(
         submitted,
         bundle_label,
         stage="policy",
-        status=503,
-        error_type="api_error",
+        status=status,
+        error_type=error_type,
         message=message,
         upstream=None,
         submitted_at=submitted["time"],
@@ -174,9 +162,9 @@ def failure_events(
         reply = events.error_reply(
             submitted,
             bundle_label,
-            status=503,
+            status=status,
             message=message,
-            error_type="api_error",
+            error_type=error_type,
             terminal_state="failed",
         )
     return failed, reply

@@ -138,9 +138,24 @@ def refusal_reply(decided: CallDecided) -> CallReply | None:
 def failure_events(
     submitted: CallSubmitted, bundle_label: str | None, reason: str
 ) -> tuple[CallFailed, CallReply | None]:
-    """Fail-closed outcome when policy cannot decide: a recorded failure and the caller's error."""
+    """Fail-closed outcome when policy cannot decide: a recorded failure and the caller's error.
+
+    The record keeps the full reason for operators and auditors; the caller's message leaves out
+    server details (such as the bundle file's path) that only an operator can act on.
+    """
     message = f"policy could not evaluate this call, so it was not forwarded: {reason}"
-    return _ends_here(submitted, bundle_label, 503, "api_error", message)
+    failed, reply = _ends_here(submitted, bundle_label, 503, "api_error", message)
+    if reply is not None and bundle_label is None:
+        reply = events.error_reply(
+            submitted,
+            None,
+            status=503,
+            error_type="api_error",
+            terminal_state="failed",
+            message="policy could not evaluate this call, so it was not forwarded: the policy "
+            "bundle is invalid or not loaded (operators: see the policy service's log)",
+        )
+    return failed, reply
 
 
 def _ends_here(

@@ -228,6 +228,8 @@ def create_app(
     ``fingerprint_key`` is the HMAC key of masked values' fingerprints, or a function that
     loads it (default: :func:`~skillgate.fingerprints.load_fingerprint_key` from the
     environment, on the first find-secret request). It must be policy's and forwarder's key.
+    The recorder process reads the key at start and passes the bytes (see
+    :func:`services.recorder.app.serve`), so a missing key stops it at once.
     """
     role_settings = roles or RoleSettings()
     key_cache: list[bytes] = [fingerprint_key] if isinstance(fingerprint_key, bytes) else []

@@ -1,7 +1,9 @@
 """The recorder process: the audit store, the Kafka consumer and the read API on one event loop.
 
-Start: open the store and apply migrations (before anything is consumed, so inserts always meet
-the current schema), create missing topics, join the consumer group, serve the API.
+Start: read the fingerprint key (find-secret needs the key policy and forwarder use; a recorder
+that cannot read it refuses to start rather than fail every search later), open the store and
+apply migrations (before anything is consumed, so inserts always meet the current schema), create
+missing topics, join the consumer group, serve the API.
 Stop (SIGTERM/SIGINT, or the ``stop`` event): the consumer finishes and commits its current
 batch, the API stops accepting, then the Kafka clients and the store are closed, which with chDB
 releases the engine path for the next process.
@@ -23,9 +25,30 @@ from services.recorder.consumer import RecorderConsumer
 from services.recorder.store import AuditStore
 from skillgate import topics
 from skillgate.config import CommonSettings, KafkaSettings, OIDCSettings, RoleSettings
+from skillgate.fingerprints import load_fingerprint_key
 from skillgate.oidc import TokenVerifier
 
 log = logging.getLogger(__name__)
+
+
+class FingerprintKeyError(RuntimeError):
+    """The fingerprint key could not be read or created, so the recorder does not start."""
+
+
+def _fingerprint_key(common: CommonSettings) -> bytes:
+    """The HMAC key of masked values' fingerprints, or :class:`FingerprintKeyError`.
+
+    ``SKILLGATE_FINGERPRINT_KEY``, else the key file under the data directory (created there if
+    missing, as policy and forwarder do). The message names the cause, never the key.
+    """
+    try:
+        return load_fingerprint_key(common)
+    except (OSError, ValueError) as exc:
+        log.error("fingerprint key unavailable", extra={"error": f"{type(exc).__name__}: {exc}"})
+        raise FingerprintKeyError(
+            "the recorder cannot read its fingerprint key (SKILLGATE_FINGERPRINT_KEY, or "
+            f"fingerprint.key in {common.data_dir}): {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 class _Server(uvicorn.Server):
@@ -52,8 +75,9 @@ async def serve(
 ) -> None:
     """Run the recorder until SIGTERM/SIGINT or until ``stop`` is set.
 
-    Settings default to the environment. Raises if the consumer or the API fails, after
-    shutting the rest down, so a supervisor sees the failure and restarts the process.
+    Settings default to the environment. Raises :class:`FingerprintKeyError` before opening
+    anything when the fingerprint key cannot be read, and raises if the consumer or the API
+    fails, after shutting the rest down, so a supervisor sees the failure and restarts the process.
     """
     settings = settings or RecorderSettings()
     clickhouse = clickhouse or ClickHouseSettings()
@@ -62,6 +86,7 @@ async def serve(
     common = common or CommonSettings()
     stop = stop or asyncio.Event()
 
+    fingerprint_key = await asyncio.to_thread(_fingerprint_key, common)
     store = await asyncio.to_thread(AuditStore, clickhouse, common.data_dir)
     verifier: TokenVerifier | None = None
     consumer: RecorderConsumer | None = None
@@ -80,7 +105,7 @@ async def serve(
         await consumer.start()
         server = _Server(
             uvicorn.Config(
-                create_app(store, verifier, settings, roles),
+                create_app(store, verifier, settings, roles, fingerprint_key),
                 host=settings.host,
                 port=settings.port,
                 http="httptools",

@@ -9,6 +9,8 @@ Pure functions (no I/O), so the never-store rules of DESIGN.md invariant 3 are u
 * The only bodies that reach the store are the masked records in ``call_parts``:
   ``CallDecided.record_body`` (else ``CallDecided.body``, which is then the masked request
   itself), ``CallCompleted.body`` and ``CallFailed.body``.
+* ``CallCompleted.blocked_tools`` holds no body: its reason is the tool rule's own text, never the
+  command the rule refused, so it is stored as it is.
 
 Column order here must match the ``*_COLUMNS`` tuples, which name the table columns.
 """
@@ -88,6 +90,8 @@ CALL_PART_COLUMNS: tuple[str, ...] = (
     "approval_decisions",
     "masked_types",
     "masked_fingerprints",
+    "blocked_tools",
+    "response_mask",
 )
 
 # Neutral values of the tuple columns: they sort before any real value, so `max` ignores them.
@@ -99,6 +103,10 @@ NO_STATE: tuple[Any, ...] = (0, 0, 0, "", None)
 NO_TERMINAL: tuple[Any, ...] = (
     0, 0, 0, None, None, None, None, None, 0, "[]", None, None, None, None, None, None
 )  # fmt: skip
+NO_RESPONSE_MASK: tuple[Any, ...] = (0, [], [])
+
+#: Fields of a ``BlockedTool``, in the order of the ``call_parts.blocked_tools`` tuples.
+BLOCKED_TOOL_FIELDS: tuple[str, ...] = ("tool_use_id", "tool", "rule_id", "reason", "action")
 
 _SYSTEM_SUBJECT = ev.anonymous_identity()["subject"]
 
@@ -224,6 +232,15 @@ def _masked(items: Iterable[Mapping[str, Any]] | None) -> tuple[list[str], list[
     )
 
 
+def _blocked_tools(items: Iterable[Mapping[str, Any]] | None) -> list[tuple[str, ...]]:
+    """``CallCompleted.blocked_tools`` as ``call_parts.blocked_tools`` tuples, sorted, unique.
+
+    Sorted so the row of an event is the same however often it is built; the store keeps one
+    copy of each tuple across redeliveries (``groupUniqArrayArray``).
+    """
+    return sorted({tuple(str(item.get(name) or "") for name in BLOCKED_TOOL_FIELDS) for item in items or []})
+
+
 def _attempts_json(attempts: Sequence[Mapping[str, Any]] | None) -> str:
     return orjson.dumps(list(attempts or [])).decode()
 
@@ -290,6 +307,8 @@ def call_part_row(record: SourceRecord) -> list[Any] | None:
     approval_decisions: list[str] = []
     masked_types: list[str] = []
     masked_fps: list[str] = []
+    blocked_tools: list[tuple[str, ...]] = []
+    response_mask: tuple[Any, ...] = NO_RESPONSE_MASK
 
     if kind == ev.CALL_SUBMITTED:
         ident, request = _ident(3, event), _request(2, event)
@@ -319,6 +338,11 @@ def call_part_row(record: SourceRecord) -> list[Any] | None:
         )
         state = _state(DECISION_STATE.get(decision, decision), 1, at, status or None)
         masked_types, masked_fps = _masked(event.get("masked"))
+        response_mask = (
+            at,
+            sorted(str(t) for t in event.get("response_mask_upstream") or []),
+            sorted(str(t) for t in event.get("response_mask_record") or []),
+        )
     elif kind in (ev.CALL_COMPLETED, ev.CALL_FAILED):
         completed = kind == ev.CALL_COMPLETED
         ident = _ident(1, event)
@@ -327,6 +351,7 @@ def call_part_row(record: SourceRecord) -> list[Any] | None:
         state = _state("completed" if completed else "failed", 1, at, status)
         if completed:
             masked_types, masked_fps = _masked(event.get("masked"))
+            blocked_tools = _blocked_tools(event.get("blocked_tools"))
     elif kind == ev.APPROVAL_REQUESTED:
         state = _state("pending_approval", 1, at, None)
     elif kind == ev.APPROVAL_DECIDED:
@@ -365,6 +390,8 @@ def call_part_row(record: SourceRecord) -> list[Any] | None:
         approval_decisions,
         masked_types,
         masked_fps,
+        blocked_tools,
+        response_mask,
     ]
 
 

@@ -484,8 +484,10 @@ class AuditStore:
         Returns one dict per masked occurrence, oldest first (call id, time, subject, username,
         the event that reported it and the direction, type, placeholder, location, span, scope,
         bundle version), and whether the result was cut at ``limit`` events. The folded
-        ``call_parts.masked_fingerprints`` narrows the search to the calls concerned; their
-        events (read through the primary key) give the details each ``MaskedValue`` recorded.
+        ``call_parts.masked_fingerprints`` narrows the search to the calls concerned (its bloom
+        filter index, migration 0002, skips the granules that cannot hold the fingerprint);
+        their events (read through the primary key) give the details each ``MaskedValue``
+        recorded.
         Only fingerprints are compared: the value itself is never in the store.
         """
         if not re.fullmatch(r"[0-9a-f]{64}", fingerprint):

@@ -6,6 +6,7 @@ Row building is tested as pure functions; the store tests run a real embedded ch
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ import orjson
 import pytest
 
 from services.recorder import handlers
-from services.recorder.config import ClickHouseSettings
+from services.recorder.app import FingerprintKeyError, serve
+from services.recorder.config import ClickHouseSettings, RecorderSettings
 from services.recorder.handlers import SourceRecord
 from services.recorder.store import (
     AuditStore,
@@ -27,6 +29,7 @@ from services.recorder.store import (
 )
 from skillgate import events as ev
 from skillgate.codec import default_codec
+from skillgate.config import CommonSettings, KafkaSettings, OIDCSettings
 from tests import factories
 
 T0 = 1_795_000_000_000_000  # 2026-11-18, microseconds
@@ -549,3 +552,162 @@ def test_store_never_writes_a_file_for_a_hidden_into_outfile(tmp_path: Path) -> 
     with factories.audit_store(tmp_path / "store") as store, pytest.raises((SQLRejected, StoreError)):
         store.query(f"SELECT 'import os' AS a$$ INTO OUTFILE '{target}' -- b$$", max_rows=5, max_seconds=5)
     assert not target.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Migration 0002: blocked tools, response masking choices, the find-secret index
+
+BLOCKED = [
+    {
+        "tool_use_id": "toolu_2",
+        "tool": "bash",
+        "rule_id": "destructive-shell",
+        "reason": "destructive shell command",
+        "action": "block_tool",
+    },
+    {
+        "tool_use_id": "toolu_1",
+        "tool": "str_replace_editor",
+        "rule_id": "no-etc",
+        "reason": "writes under /etc",
+        "action": "block_tool",
+    },
+]
+
+
+def guarded_flow(call_id: str) -> list[SourceRecord]:
+    """:func:`call_flow` whose decision asks for response masking and whose answer had two
+    tool_use blocks stopped by the forwarder's command guardrails."""
+    decision = decided(call_id)
+    decision["response_mask_upstream"] = ["GITHUB_TOKEN", "AWS_ACCESS_KEY"]
+    decision["response_mask_record"] = ["EMAIL"]
+    answer = completed(call_id)
+    answer["blocked_tools"] = BLOCKED
+    flow = call_flow(call_id)
+    flow[1] = record(ev.CALL_DECIDED, decision, 2)
+    flow[2] = record(ev.CALL_COMPLETED, answer, 3)
+    return flow
+
+
+def _view_columns(store: AuditStore) -> list[str]:
+    return [str(row[0]) for row in store.query("DESCRIBE calls").rows]
+
+
+def test_view_of_0002_agrees_with_handlers_on_terminal_states() -> None:
+    """The latest ``calls`` view (0002 replaces it) hard-codes the same ranks as 0001's."""
+    sql = next(m.sql for m in load_migrations() if m.version == 2)
+    assert "CREATE OR REPLACE VIEW {db}.calls" in sql
+    assert f"tupleElement(max(state), 'rank') >= {handlers.TERMINAL_RANK}" in sql
+    assert "IN ('denied', 'rate_limited')" in sql
+
+
+def test_parts_carry_blocked_tools_and_response_masks() -> None:
+    call_id = ev.new_call_id()
+    parts = [handlers.call_part_row(r) for r in guarded_flow(call_id)]
+    cols = [dict(zip(handlers.CALL_PART_COLUMNS, p, strict=True)) for p in parts if p is not None]
+    submitted_part, decided_part, completed_part, reply_part = cols
+    assert completed_part["blocked_tools"] == [
+        ("toolu_1", "str_replace_editor", "no-etc", "writes under /etc", "block_tool"),
+        ("toolu_2", "bash", "destructive-shell", "destructive shell command", "block_tool"),
+    ]
+    assert decided_part["response_mask"] == (T0 + 1000, ["AWS_ACCESS_KEY", "GITHUB_TOKEN"], ["EMAIL"])
+    for neutral in (submitted_part, reply_part):
+        assert neutral["blocked_tools"] == [] and neutral["response_mask"] == handlers.NO_RESPONSE_MASK
+    assert (
+        decided_part["blocked_tools"] == [] and completed_part["response_mask"] == handlers.NO_RESPONSE_MASK
+    )
+
+
+def test_blocked_tools_land_in_the_calls_view_once_across_redelivery(store: AuditStore) -> None:
+    call_id, plain_id = ev.new_call_id(), ev.new_call_id()
+    flow = guarded_flow(call_id)
+    store.insert_batch([*flow, *call_flow(plain_id)])
+    store.insert_batch(flow)  # the whole batch redelivered
+    store.insert_batch([flow[2]])  # and the CallCompleted once more, alone
+
+    call = store.call_state(call_id)
+    assert call is not None and call["state"] == "completed"
+    assert call["blocked_tools"] == sorted(BLOCKED, key=lambda b: b["tool_use_id"])
+    assert call["response_mask_upstream"] == ["AWS_ACCESS_KEY", "GITHUB_TOKEN"]
+    assert call["response_mask_record"] == ["EMAIL"]
+    plain = store.call_state(plain_id)
+    assert plain is not None and plain["blocked_tools"] == [] and plain["response_mask_upstream"] == []
+
+    # After background merges fold the parts, still one entry per blocked block.
+    with store._use(store._writer) as client:  # the analyst's readonly client may not OPTIMIZE
+        client.command(f"OPTIMIZE TABLE {store.database}.call_parts FINAL")
+    assert _count(store, f"SELECT count() FROM call_parts WHERE call_id = '{call_id}'") == 1  # noqa: S608
+    folded = store.call_state(call_id)
+    assert folded is not None and folded["blocked_tools"] == call["blocked_tools"]
+
+    # Named tuple elements query directly.
+    by_rule = store.query(
+        "SELECT call_id FROM calls WHERE arrayExists(b -> b.rule_id = 'destructive-shell', blocked_tools)"
+    )
+    assert by_rule.rows == [[call_id]]
+
+
+def test_migration_0002_keeps_every_calls_column_and_reruns_cleanly(tmp_path: Path) -> None:
+    """0002 on a store at 0001 (with data): the view keeps 0001's columns in order and adds the
+    new ones; its statements run again harmlessly, as after an interrupted migration."""
+    first, second = load_migrations()[:2]
+    store = AuditStore(ClickHouseSettings(url=f"chdb://{tmp_path / 'audit.chdb'}"), tmp_path)
+    try:
+        assert store.migrate([first]) == [1]
+        before = _view_columns(store)
+        old_call = ev.new_call_id()
+        with store._use(store._writer) as client:  # a row as the 0001 recorder wrote it
+            part = handlers.call_part_row(call_flow(old_call)[2])
+            assert part is not None
+            n = len(handlers.CALL_PART_COLUMNS) - 2
+            client.insert(
+                f"{store.database}.call_parts", [part[:n]], column_names=handlers.CALL_PART_COLUMNS[:n]
+            )
+        assert store.migrate([first, second]) == [2]
+        after = _view_columns(store)
+        assert after[: len(before)] == before
+        assert after[len(before) :] == ["blocked_tools", "response_mask_upstream", "response_mask_record"]
+        with store._use(store._writer) as client:
+            for statement in second.statements(store.database):
+                client.command(statement)
+        assert _view_columns(store) == after
+        old = store.call_state(old_call)
+        assert old is not None and old["state"] == "completed" and old["blocked_tools"] == []
+    finally:
+        store.close()
+
+
+def test_find_secret_lookup_skips_granules_through_the_fingerprint_index(store: AuditStore) -> None:
+    """find-secret's ``has(masked_fingerprints, …)`` on call_parts is answered by the bloom filter:
+    granules without the fingerprint are not read."""
+    for _ in range(3):
+        store.insert_batch(call_flow(ev.new_call_id()))  # three parts, each its own granule
+
+    def skip_index_granules(fingerprint: str) -> str:
+        plan = store.query(
+            f"EXPLAIN indexes = 1 SELECT call_id FROM call_parts WHERE has(masked_fingerprints, '{fingerprint}')"  # noqa: S608
+        )
+        lines = [str(r[0]).strip() for r in plan.rows]
+        start = lines.index("Name: idx_masked_fingerprints")
+        return next(ln for ln in lines[start:] if ln.startswith("Granules:"))
+
+    assert skip_index_granules("0" * 64) == "Granules: 0/3"
+    assert skip_index_granules("fp-secret") == "Granules: 3/3"
+    hits, truncated = store.find_masked("0" * 64)
+    assert hits == [] and not truncated
+
+
+def test_recorder_refuses_to_start_without_its_fingerprint_key(tmp_path: Path) -> None:
+    """The key is read at start: an unreadable one stops the recorder before it opens the store."""
+    chdb = tmp_path / "never.chdb"
+    with pytest.raises(FingerprintKeyError, match="SKILLGATE_FINGERPRINT_KEY is empty"):
+        asyncio.run(
+            serve(
+                RecorderSettings(),
+                ClickHouseSettings(url=f"chdb://{chdb}"),
+                KafkaSettings(bootstrap="127.0.0.1:1"),
+                OIDCSettings(issuer="http://idp.test"),
+                common=CommonSettings(data_dir=tmp_path, fingerprint_key=""),
+            )
+        )
+    assert not chdb.exists()

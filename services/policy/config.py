@@ -21,7 +21,11 @@ class PolicySettings(BaseSettings):
     )
     bundle: Path = Field(DEFAULT_BUNDLE, description="Policy bundle file applied to every call.")
     concurrency: int = Field(
-        8, ge=1, description="Decisions in progress at once per replica (each waits for Kafka's ack)."
+        32,
+        ge=1,
+        description="Decisions in progress at once per replica. Each waits for Kafka's ack of its "
+        "writes, so too few actors queue calls behind acks: at 64 connections, 8 actors gave a p99 of "
+        "1.4 s and 32 gave 0.6 s at the same throughput.",
     )
     metrics_host: str = Field("127.0.0.1", description="Address of the /metrics endpoint.")
     metrics_port: int = Field(9101, description="Port of the /metrics endpoint (0 disables it).")

@@ -38,8 +38,22 @@ import orjson
 
 from bench.corpus import DEFAULT_SEED, Corpus, Document, build, fakes, prose
 from bench.stats import percentile
-from skillgate.policy.detectors import BUILTIN_TYPES, CATEGORY_PII, CATEGORY_SECRET, DetectorSet, Finding
+from skillgate.events import Identity
+from skillgate.policy.bundle import DEFAULT_BUNDLE, Bundle, load_bundle
+from skillgate.policy.detectors import BUILTIN_TYPES, DetectorSet, Finding
+from skillgate.policy.engine import CallContext, Verdict
+from skillgate.policy.engine import evaluate as evaluate_call
 from skillgate.policy.masking import Masker
+
+_BENCH_IDENTITY = Identity(
+    subject="bench",
+    issuer="bench",
+    username="bench",
+    email=None,
+    groups=["eng"],
+    client_id=None,
+    token_id=None,
+)
 
 RECALL_SECRET = 0.99
 RECALL_PII = 0.97
@@ -151,34 +165,30 @@ def _request(rng: random.Random, size: int, dense: bool = False) -> dict[str, An
     return body
 
 
-def decide(
-    masker: Masker, raw: bytes, upstream: frozenset[str], record: frozenset[str]
-) -> tuple[bytes, bytes]:
-    """The text part of a policy decision: parse, mask secrets upstream and PII for the record."""
+def decide(bundle: Bundle, masker: Masker, raw: bytes) -> Verdict:
+    """A whole policy decision as the policy service makes it (minus the Avro decode): parse the
+    request, match every rule of the bundle (entity detection, token estimate...), mask for the
+    model and for the record, re-serialise what changed."""
     body = orjson.loads(raw)
-    result = masker.session().mask_request_layers(body, upstream=upstream, record=record)
-    changed = any(m["scope"] == "upstream" for m in result.masked)
-    forward = orjson.dumps(result.upstream) if changed else raw
-    return forward, orjson.dumps(result.record)
+    ctx = CallContext(identity=_BENCH_IDENTITY, request=body, body=raw, headers={})
+    return evaluate_call(bundle, ctx, masker)
 
 
-def measure(masker: Masker, seed: int, quick: bool) -> dict[str, dict[str, float]]:
-    """Latency percentiles of :func:`decide` and masking throughput per prompt size."""
+def measure(bundle: Bundle, masker: Masker, seed: int, quick: bool) -> dict[str, dict[str, float]]:
+    """Latency percentiles of :func:`decide` (under ``bundle``) and masking throughput per size."""
     rng = random.Random(f"{seed}:latency")
-    upstream = masker.detectors.types_for(categories=(CATEGORY_SECRET,))
-    record = masker.detectors.types_for(categories=(CATEGORY_PII,))
     results: dict[str, dict[str, float]] = {}
     for label, size, dense in SIZES:
         bodies = [orjson.dumps(_request(rng, size, dense)) for _ in range(20)]
         iterations = {1024: 3000, 10 * 1024: 2000, 100 * 1024: 200}[size] // (4 if quick else 1)
         for raw in bodies:  # warm-up
-            decide(masker, raw, upstream, record)
+            decide(bundle, masker, raw)
         gc.collect()
         samples: list[float] = []
         for i in range(iterations):
             raw = bodies[i % len(bodies)]
             t0 = time.perf_counter()
-            decide(masker, raw, upstream, record)
+            decide(bundle, masker, raw)
             samples.append((time.perf_counter() - t0) * 1000)
         samples.sort()
         # throughput: one full masking pass (all types) over the parsed bodies
@@ -297,9 +307,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     verdicts = report(detectors, corpus, ev, args.show_fp)
 
     if not args.no_latency:
-        masker = Masker(detectors, os.urandom(32))
+        bundle = load_bundle(DEFAULT_BUNDLE)
+        masker = Masker(bundle.detectors, os.urandom(32))
         load_before = os.getloadavg()[0]
-        results = measure(masker, args.seed, args.quick)
+        results = measure(bundle, masker, args.seed, args.quick)
         load_after = os.getloadavg()[0]
         print(
             f"\n{'prompt':8} {'body bytes':>10} {'decide p50 ms':>14} {'p99 ms':>8} {'max ms':>8} {'samples':>8} {'mask MB/s':>10}"

@@ -376,3 +376,44 @@ def failed_event(
         body=body,
         submitted_at=submitted_at,
     )
+
+
+def call_failure(
+    source: Envelope,
+    bundle_version: str | None,
+    *,
+    waiting: bool,
+    stage: str,
+    status: int,
+    error_type: str,
+    message: str,
+    upstream: str | None,
+    submitted_at: int | None,
+    attempts: list[UpstreamAttempt] | None = None,
+    retry: bool = True,
+) -> tuple[CallFailed, CallReply | None]:
+    """A call that ends here without an answer: its recorded failure and, when a caller is
+    ``waiting`` (the call has a ``reply_to``), the Anthropic-shaped error it gets."""
+    failed = failed_event(
+        source,
+        bundle_version,
+        stage=stage,
+        status=status,
+        error_type=error_type,
+        message=message,
+        upstream=upstream,
+        submitted_at=submitted_at,
+        attempts=attempts,
+    )
+    reply = None
+    if waiting:
+        reply = error_reply(
+            source,
+            bundle_version,
+            status=status,
+            message=message,
+            error_type=error_type,
+            terminal_state="failed",
+            retry=retry,
+        )
+    return failed, reply

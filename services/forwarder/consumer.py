@@ -283,10 +283,10 @@ class ForwarderService:
         await reader.start()
         state: dict[str, tuple[str, float]] = {}
         try:
+            since_ms = int((time.time() - self.settings.claims_window_seconds) * 1000)
+            anchor = await self._committed_time(reader, partition)
             tp = TopicPartition(self.claims_topic, partition)
             reader.assign([tp])
-            since_ms = int((time.time() - self.settings.claims_window_seconds) * 1000)
-            anchor = await self._committed_time(partition)
             if anchor is not None:
                 # Every decision that can be redelivered lies at or after the committed offset,
                 # and its claim was written after it: start there, however long ago (a long outage).
@@ -311,22 +311,18 @@ class ForwarderService:
             await reader.stop()
         return state
 
-    async def _committed_time(self, partition: int) -> int | None:
-        """Timestamp (ms) of the first decision not yet committed in ``partition``, if any."""
+    async def _committed_time(self, reader: AIOKafkaConsumer, partition: int) -> int | None:
+        """Timestamp (ms) of the first decision not yet committed in ``partition``, if any
+        (read with ``reader``, which the caller then reassigns)."""
         tp = TopicPartition(self.decided_topic, partition)
         committed = await self.consumer.committed(tp)
         if committed is None:
             return None
-        reader = make_consumer(self.kafka, None, fetch_max_wait_ms=50)
-        await reader.start()
-        try:
-            reader.assign([tp])
-            reader.seek(tp, committed)
-            batch = await reader.getmany(tp, timeout_ms=1000, max_records=1)
-            records = batch.get(tp, [])
-            return int(records[0].timestamp) if records else None
-        finally:
-            await reader.stop()
+        reader.assign([tp])
+        reader.seek(tp, committed)
+        batch = await reader.getmany(tp, timeout_ms=1000, max_records=1)
+        records = batch.get(tp, [])
+        return int(records[0].timestamp) if records else None
 
     # -- the loop ----------------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ import orjson
 from skillgate.errors import new_request_id
 from skillgate.events import BlockedTool, MaskedValue
 from skillgate.policy.bundle import Bundle, CompiledToolRule
-from skillgate.policy.masking import Masker, MaskingSession
+from skillgate.policy.masking import Masker
 
 __all__ = [
     "GuardError",
@@ -282,41 +282,6 @@ def _relocate(masked: list[MaskedValue], moved: dict[int, str]) -> list[MaskedVa
 # -- masking bodies that are not Messages responses ---------------------------------------------
 
 
-def _mask_leaves(
-    session: MaskingSession,
-    value: Any,
-    path: str,
-    upstream: Collection[str],
-    record: Collection[str],
-    masked: list[MaskedValue],
-    depth: int = 0,
-) -> tuple[Any, Any]:
-    """Every string leaf of a JSON value masked for the caller and for the record."""
-    if isinstance(value, str):
-        result = session.mask_response_layers({"content": value}, upstream=upstream, record=record)
-        for found in result.masked:
-            moved = found.copy()
-            moved["location"] = path + found["location"][len("content") :]
-            masked.append(moved)
-        return result.upstream["content"], result.record["content"]
-    if depth >= _MAX_DEPTH:
-        raise GuardError(f"response nested deeper than {_MAX_DEPTH} levels")
-    if isinstance(value, dict):
-        up: dict[str, Any] = {}
-        rec: dict[str, Any] = {}
-        for k, v in value.items():
-            child = f"{path}.{k}" if path else str(k)
-            up[k], rec[k] = _mask_leaves(session, v, child, upstream, record, masked, depth + 1)
-        return up, rec
-    if isinstance(value, list):
-        pairs = [
-            _mask_leaves(session, v, f"{path}[{i}]", upstream, record, masked, depth + 1)
-            for i, v in enumerate(value)
-        ]
-        return [p[0] for p in pairs], [p[1] for p in pairs]
-    return value, value
-
-
 def _other_body(
     policy: ResponsePolicy,
     status: int,
@@ -331,12 +296,13 @@ def _other_body(
     if not (upstream or record):
         return GuardedResponse(status, dict(headers), body, body, usage_doc=doc if is_json else None)
     session = policy.masker.session()
-    masked: list[MaskedValue] = []
     if is_json:
-        up_doc, rec_doc = _mask_leaves(session, doc, "", upstream, record, masked)
+        up_doc, rec_doc, masked = session.mask_json_layers(doc, upstream=upstream, record=record)
     else:
         text = body.decode("utf-8", errors="replace")
-        up_doc, rec_doc = _mask_leaves(session, text, "body", upstream, record, masked)
+        up_doc, rec_doc, masked = session.mask_json_layers(
+            text, upstream=upstream, record=record, path="body"
+        )
 
     def dump(value: Any) -> bytes:
         return orjson.dumps(value) if is_json else str(value).encode("utf-8")

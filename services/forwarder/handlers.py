@@ -87,29 +87,9 @@ def guarded_events(
     if result.status == 0:
         # No answer at all: skillgate's own error for the caller, nothing upstream to record.
         message = f"skillgate could not get an answer from upstream `{decided['upstream']}`: {result.error}"
-        failed = events.failed_event(
-            decided,
-            decided["bundle_version"],
-            stage="forwarder",
-            status=502,
-            error_type="api_error",
-            message=message,
-            upstream=decided["upstream"],
-            submitted_at=decided["submitted_at"],
-            attempts=result.attempts,
+        return _failed(
+            decided, 502, "api_error", message, retry=not result.maybe_processed, attempts=result.attempts
         )
-        error = None
-        if decided["reply_to"] is not None:
-            error = events.error_reply(
-                decided,
-                decided["bundle_version"],
-                status=502,
-                message=message,
-                error_type="api_error",
-                terminal_state="failed",
-                retry=not result.maybe_processed,
-            )
-        return failed, error
     terminal: CallCompleted | CallFailed
     if result.status in RETRYABLE_STATUS:
         # Retries exhausted: the upstream's last error is relayed to the caller as it came.
@@ -201,9 +181,10 @@ def _failed(
     retry: bool = True,
     attempts: list[UpstreamAttempt] | None = None,
 ) -> tuple[CallFailed, CallReply | None]:
-    failed = events.failed_event(
+    return events.call_failure(
         decided,
         decided["bundle_version"],
+        waiting=decided["reply_to"] is not None,
         stage="forwarder",
         status=status,
         error_type=etype,
@@ -211,16 +192,5 @@ def _failed(
         upstream=decided["upstream"],
         submitted_at=decided["submitted_at"],
         attempts=attempts,
+        retry=retry,
     )
-    reply = None
-    if decided["reply_to"] is not None:
-        reply = events.error_reply(
-            decided,
-            decided["bundle_version"],
-            status=status,
-            message=message,
-            error_type=etype,
-            terminal_state="failed",
-            retry=retry,
-        )
-    return failed, reply

@@ -15,7 +15,7 @@ from skillgate import topics
 from skillgate.config import CommonSettings, KafkaSettings
 from skillgate.logs import setup
 from skillgate.metrics import serve
-from skillgate.policy.distribution import BundleWatcher
+from skillgate.policy.distribution import follow_bundles
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,10 @@ async def serve_forever(settings: ForwarderSettings, kafka: KafkaSettings) -> No
             },
         )
     await service.start()
-    watcher = await follow_published_bundles(kafka, service.bundle_name, service)
+    # Hot reload: published versions of the bundle apply from now on, the newest before any call.
+    current = service.response_policy.bundle if service.response_policy is not None else None
+    watcher = await follow_bundles(kafka, service.bundle_name, current, service.use_bundle)
+    service.watcher = watcher
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -56,30 +59,6 @@ async def serve_forever(settings: ForwarderSettings, kafka: KafkaSettings) -> No
     await watcher.stop()
     if crash is not None:
         raise crash
-
-
-async def follow_published_bundles(
-    kafka: KafkaSettings, name: str, service: ForwarderService
-) -> BundleWatcher:
-    """Apply bundles published to the ``policy.bundles`` topic from now on, without a restart.
-
-    The file bundle applies until a published version of the same name exists; the newest
-    published one is applied before the first call is handled.
-    """
-    watcher = BundleWatcher(kafka, name, on_bundle=service.use_bundle)
-    if service.response_policy is not None:
-        watcher.remember(service.response_policy.bundle)
-    await watcher.start()
-    try:
-        async with asyncio.timeout(30):
-            published = await watcher.wait_caught_up()
-    except TimeoutError:
-        log.warning("policy bundles topic not read within 30 s; keeping the file bundle for now")
-    else:
-        if published is not None:
-            log.info("published policy bundle applied", extra={"bundle": published.label})
-    service.watcher = watcher
-    return watcher
 
 
 def run(settings: ForwarderSettings | None = None, kafka: KafkaSettings | None = None) -> None:

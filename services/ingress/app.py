@@ -197,13 +197,16 @@ async def _accept(
     return event, parsed
 
 
+async def recorded_call(deps: Deps, call_id: str, token: str | None) -> httpx.Response:
+    """The recorder's view of a call, asked with the caller's own token (it checks ownership)."""
+    return await deps.recorder.get(f"/v1/calls/{call_id}", headers={"authorization": f"Bearer {token}"})
+
+
 async def _poll_recorded(deps: Deps, call_id: str, token: str | None, deadline: float) -> Response | None:
     """Fallback when this replica lost the reply partition: wait for the recorded outcome."""
     while time.monotonic() < deadline:
         try:
-            resp = await deps.recorder.get(
-                f"/v1/calls/{call_id}", headers={"authorization": f"Bearer {token}"}
-            )
+            resp = await recorded_call(deps, call_id, token)
             if resp.status_code == 200:
                 doc = resp.json()
                 if doc.get("state") in ("completed", "failed", "denied", "expired", "rate_limited"):
@@ -402,9 +405,7 @@ def create_app(settings: IngressSettings | None = None) -> FastAPI:
         """State of an async (or any) call, from the audit store; the caller's own calls only."""
         token = bearer_from_headers(request.headers.get("authorization"), request.headers.get("x-api-key"))
         try:
-            resp = await deps.recorder.get(
-                f"/v1/calls/{call_id}", headers={"authorization": f"Bearer {token}"}
-            )
+            resp = await recorded_call(deps, call_id, token)
         except httpx.HTTPError:
             raise GatewayError(503, "the audit store is unreachable; retry shortly") from None
         if resp.status_code == 404 and deps.recent.get(call_id) == identity["subject"]:

@@ -43,7 +43,3 @@ class IngressSettings(BaseSettings):
         "skillgate-ingress-replies",
         description="Consumer group through which ingress replicas share the partitions of calls.replies.",
     )
-    public_url: str | None = Field(
-        None,
-        description="URL callers use to reach the ingress (for links in errors); default from the request.",
-    )

@@ -23,6 +23,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.structs import TopicPartition
+from prometheus_client import Counter
 
 from skillgate import topics
 from skillgate.codec import CodecError, default_codec
@@ -32,6 +33,11 @@ from skillgate.events import CALL_REPLY, CallReply, ReplyTo
 from skillgate.kafka import make_consumer
 
 log = logging.getLogger(__name__)
+
+UNCLAIMED = Counter(
+    "skillgate_ingress_unclaimed_replies_total",
+    "Answers no waiting caller took (caller gone, or its partition moved in a rebalance)",
+)
 
 
 class Waiter:
@@ -72,7 +78,6 @@ class ReplyRouter:
         self._assigned = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
-        self.unclaimed = 0
 
     def _assign(self, partitions: set[int]) -> None:
         self._owned = sorted(set(self._owned) | partitions)
@@ -165,6 +170,6 @@ class ReplyRouter:
         if waiter is None:
             # The caller gave up or this partition changed hands; the call's outcome is
             # recorded anyway (calls.completed / calls.failed).
-            self.unclaimed += 1
+            UNCLAIMED.inc()
             return
         waiter.queue.put_nowait(reply)  # type: ignore[arg-type]

@@ -35,7 +35,7 @@ from skillgate.kafka import dead_letter_value
 from skillgate.logs import call_context
 from skillgate.metrics import DEAD_LETTERS, EVENTS_CONSUMED, EVENTS_PRODUCED, STAGE_SECONDS
 from skillgate.policy.bundle import Bundle, BundleError, load_bundle
-from skillgate.policy.distribution import BundleWatcher
+from skillgate.policy.distribution import BundleWatcher, follow_bundles
 from skillgate.policy.engine import MemoryRateCounter, Verdict
 from skillgate.policy.masking import Masker
 
@@ -130,18 +130,8 @@ class PolicyService:
         same name exists (the name of the file bundle, ``default`` if the file is invalid).
         """
         name = self.bundle.name if self.bundle is not None else "default"
-        watcher = BundleWatcher(self.kafka, name, on_bundle=self.use_bundle)
-        if self.bundle is not None:
-            watcher.remember(self.bundle)
         try:
-            await watcher.start()
-            self.watcher = watcher
-            async with asyncio.timeout(30):
-                published = await watcher.wait_caught_up()
-            if published is not None:
-                log.info("published policy bundle applied", extra={"bundle": published.label})
-        except TimeoutError:
-            log.warning("policy bundles topic not read within 30 s; keeping the file bundle for now")
+            self.watcher = await follow_bundles(self.kafka, name, self.bundle, self.use_bundle)
         except Exception as exc:
             log.error("cannot follow published bundles; the file bundle stays", extra={"error": str(exc)})
         finally:

@@ -162,9 +162,10 @@ def _ends_here(
     submitted: CallSubmitted, bundle_label: str | None, status: int, error_type: str, message: str
 ) -> tuple[CallFailed, CallReply | None]:
     """A call that ends in policy: its recorded failure, and the error for a waiting caller."""
-    failed = events.failed_event(
+    return events.call_failure(
         submitted,
         bundle_label,
+        waiting=submitted["reply_to"] is not None,
         stage="policy",
         status=status,
         error_type=error_type,
@@ -172,14 +173,3 @@ def _ends_here(
         upstream=None,
         submitted_at=submitted["time"],
     )
-    reply = None
-    if submitted["reply_to"] is not None:
-        reply = events.error_reply(
-            submitted,
-            bundle_label,
-            status=status,
-            message=message,
-            error_type=error_type,
-            terminal_state="failed",
-        )
-    return failed, reply

@@ -326,12 +326,17 @@ def create_app(
             raise GatewayError(404, f"call {call_id} not found")
         return Response(content=dumps(call_document(call_id, row)), media_type=JSON)
 
+    async def require_auditor(request: Request, refusal: str) -> Identity:
+        """The caller's identity, which must hold the auditor role (403 with ``refusal`` if not)."""
+        identity = await authenticate(request)
+        if Role.AUDITOR not in roles_for(identity, role_settings):
+            raise GatewayError(403, refusal)
+        return identity
+
     @app.post("/v1/audit/sql")
     async def audit_sql(body: SQLRequest, request: Request) -> Response:
         """Run one read-only SQL statement against the audit database (auditors only)."""
-        identity = await authenticate(request)
-        if Role.AUDITOR not in roles_for(identity, role_settings):
-            raise GatewayError(403, "the auditor role is required to query the audit store")
+        identity = await require_auditor(request, "the auditor role is required to query the audit store")
         try:
             result = await asyncio.to_thread(
                 store.query,
@@ -376,9 +381,7 @@ def create_app(
     @app.post("/v1/audit/find-secret")
     async def find_secret(body: FindSecretRequest, request: Request) -> Response:
         """Whether, when and by whom a value passed through masked (auditors only)."""
-        identity = await authenticate(request)
-        if Role.AUDITOR not in roles_for(identity, role_settings):
-            raise GatewayError(403, "the auditor role is required to search for masked values")
+        identity = await require_auditor(request, "the auditor role is required to search for masked values")
         try:
             key = the_key()
         except (OSError, ValueError) as exc:

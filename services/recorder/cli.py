@@ -49,6 +49,32 @@ def _error_message(response: httpx.Response) -> str:
         return response.text[:500] or response.reason_phrase
 
 
+def _post(
+    recorder_url: str, path: str, payload: dict[str, Any], token: str, err: TextIO
+) -> httpx.Response | None:
+    """POST to the recorder's read API; ``None`` (and a message on ``err``) when it did not answer.
+
+    Only the exception's type is printed: a transport error's text could quote the request.
+    """
+    try:
+        return httpx.post(
+            recorder_url.rstrip("/") + path,
+            json=payload,
+            headers={"authorization": f"Bearer {token}"},
+            timeout=TIMEOUT_SECONDS,
+        )
+    except httpx.ConnectError:
+        print(
+            f"error: the recorder is not reachable at {recorder_url}. Is it running? "
+            "(`skillgate recorder`, or `skillgate stack` for everything; the address is "
+            "SKILLGATE_RECORDER_URL)",
+            file=err,
+        )
+    except httpx.HTTPError as exc:
+        print(f"error: no answer from the recorder at {recorder_url}: {type(exc).__name__}", file=err)
+    return None
+
+
 def sql_command(
     query: str,
     fmt: str,
@@ -64,24 +90,8 @@ def sql_command(
     """
     out = out or sys.stdout
     err = err or sys.stderr
-    url = recorder_url.rstrip("/") + "/v1/audit/sql"
-    try:
-        response = httpx.post(
-            url,
-            json={"query": query, "format": "json"},
-            headers={"authorization": f"Bearer {token}"},
-            timeout=TIMEOUT_SECONDS,
-        )
-    except httpx.ConnectError:
-        print(
-            f"error: the recorder is not reachable at {recorder_url}. Is it running? "
-            "(`skillgate recorder`, or `skillgate stack` for everything; the address is "
-            "SKILLGATE_RECORDER_URL)",
-            file=err,
-        )
-        return 2
-    except httpx.HTTPError as exc:
-        print(f"error: no answer from the recorder at {recorder_url}: {exc}", file=err)
+    response = _post(recorder_url, "/v1/audit/sql", {"query": query, "format": "json"}, token, err)
+    if response is None:
         return 2
     if response.status_code != 200:
         print(f"error ({response.status_code}): {_error_message(response)}", file=err)
@@ -130,20 +140,8 @@ def find_secret_command(
     """
     out = out or sys.stdout
     err = err or sys.stderr
-    url = recorder_url.rstrip("/") + "/v1/audit/find-secret"
-    try:
-        response = httpx.post(
-            url, json={"value": value}, headers={"authorization": f"Bearer {token}"}, timeout=TIMEOUT_SECONDS
-        )
-    except httpx.ConnectError:
-        print(
-            f"error: the recorder is not reachable at {recorder_url}. Is it running? "
-            "(the address is SKILLGATE_RECORDER_URL)",
-            file=err,
-        )
-        return 2
-    except httpx.HTTPError as exc:
-        print(f"error: no answer from the recorder at {recorder_url}: {type(exc).__name__}", file=err)
+    response = _post(recorder_url, "/v1/audit/find-secret", {"value": value}, token, err)
+    if response is None:
         return 2
     if response.status_code != 200:
         print(f"error ({response.status_code}): {_error_message(response)}", file=err)

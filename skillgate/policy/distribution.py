@@ -412,3 +412,36 @@ class BundleWatcher:
                 await result
         except Exception:
             log.exception("applying a published policy bundle failed", extra={"bundle": bundle.label})
+
+
+async def follow_bundles(
+    kafka: KafkaSettings,
+    name: str,
+    current: Bundle | None,
+    on_bundle: BundleCallback,
+    *,
+    catch_up_seconds: float = 30.0,
+) -> BundleWatcher:
+    """Start following published versions of bundle ``name`` for a service (hot reload).
+
+    ``current`` (the service's file bundle) stays findable by its label; the newest published
+    version, if any, is handed to ``on_bundle`` before this returns, so a service that calls this
+    before handling calls never decides under a stale bundle. A topic that cannot be read within
+    ``catch_up_seconds`` leaves the file bundle in force (logged) while the watcher keeps trying.
+    """
+    watcher = BundleWatcher(kafka, name, on_bundle=on_bundle)
+    if current is not None:
+        watcher.remember(current)
+    await watcher.start()
+    try:
+        async with asyncio.timeout(catch_up_seconds):
+            published = await watcher.wait_caught_up()
+    except TimeoutError:
+        log.warning(
+            "policy bundles topic not read in time; keeping the file bundle for now",
+            extra={"seconds": catch_up_seconds},
+        )
+    else:
+        if published is not None:
+            log.info("published policy bundle applied", extra={"bundle": published.label})
+    return watcher

@@ -266,6 +266,11 @@ def evaluate(
     terminal: CompiledRule | None = None
     for compiled in bundle.rules:
         rule = compiled.rule
+        if rule.action == "mask":
+            # Already matched (and applied) in the masking pass above; listed here in rule order.
+            if rule.id in mask_ids:
+                matched.append(rule.id)
+            continue
         if not matches(compiled, rule.match, facts):
             continue
         matched.append(rule.id)

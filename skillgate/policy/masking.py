@@ -188,6 +188,7 @@ class Masker:
 
 
 _TextFn = Callable[[str, str], str]  # (text, location) -> masked text
+_Walker = Callable[[Mapping[str, Any], _TextFn], dict[str, Any]]  # applies a _TextFn to a body
 
 
 class MaskingSession:
@@ -244,10 +245,7 @@ class MaskingSession:
         ``messages[2].content[0].content[1].text``. Raises :class:`MaskingError` for a tool input
         nested deeper than 256 levels.
         """
-        masked: list[MaskedValue] = []
-        out = _walk_request(body, self._single(categories, types, scope, masked))
-        self.masked.extend(masked)
-        return MaskResult(out, masked)
+        return self._pass(body, _walk_request, categories, types, scope)
 
     def mask_response(
         self,
@@ -261,10 +259,7 @@ class MaskingSession:
 
         Locations are ``content[0].text``, ``content[1].input.query`` and so on.
         """
-        masked: list[MaskedValue] = []
-        out = _walk_response(body, self._single(categories, types, scope, masked))
-        self.masked.extend(masked)
-        return MaskResult(out, masked)
+        return self._pass(body, _walk_response, categories, types, scope)
 
     # -- two layers from one scan -----------------------------------------------------------
 
@@ -279,25 +274,48 @@ class MaskingSession:
         is what :meth:`mask_request` twice would give (upstream types first, then the record
         types over the result), at the cost of one scan: the policy service's hot path.
         """
-        masked: list[MaskedValue] = []
-        up_fn, rec_fn = self._layers(upstream, record, masked)
-        up_body = _walk_request(body, up_fn)
-        rec_body = _walk_request(body, rec_fn)
-        self.masked.extend(masked)
-        return LayeredMaskResult(up_body, rec_body, masked)
+        return self._layered(body, _walk_request, upstream, record)
 
     def mask_response_layers(
         self, body: Mapping[str, Any], *, upstream: Collection[str], record: Collection[str]
     ) -> LayeredMaskResult:
         """:meth:`mask_request_layers` for a response body (the forwarder's hot path)."""
+        return self._layered(body, _walk_response, upstream, record)
+
+    def mask_json_layers(
+        self, value: Any, *, upstream: Collection[str], record: Collection[str], path: str = ""
+    ) -> tuple[Any, Any, list[MaskedValue]]:
+        """Every string leaf of any JSON value (an error body, a non-Messages answer) masked for
+        the upstream and for the record from one scan per string: (upstream, record, masked)."""
         masked: list[MaskedValue] = []
         up_fn, rec_fn = self._layers(upstream, record, masked)
-        up_body = _walk_response(body, up_fn)
-        rec_body = _walk_response(body, rec_fn)
+        up, rec = _json(value, path, up_fn, 0), _json(value, path, rec_fn, 0)
         self.masked.extend(masked)
-        return LayeredMaskResult(up_body, rec_body, masked)
+        return up, rec, masked
 
     # -- internals --------------------------------------------------------------------------
+
+    def _pass(
+        self,
+        body: Mapping[str, Any],
+        walk: _Walker,
+        categories: Collection[str] | None,
+        types: Collection[str] | None,
+        scope: str,
+    ) -> MaskResult:
+        masked: list[MaskedValue] = []
+        out = walk(body, self._single(categories, types, scope, masked))
+        self.masked.extend(masked)
+        return MaskResult(out, masked)
+
+    def _layered(
+        self, body: Mapping[str, Any], walk: _Walker, upstream: Collection[str], record: Collection[str]
+    ) -> LayeredMaskResult:
+        masked: list[MaskedValue] = []
+        up_fn, rec_fn = self._layers(upstream, record, masked)
+        up_body, rec_body = walk(body, up_fn), walk(body, rec_fn)
+        self.masked.extend(masked)
+        return LayeredMaskResult(up_body, rec_body, masked)
 
     def _single(
         self,
@@ -518,7 +536,8 @@ def _json(value: Any, path: str, fn: _TextFn, depth: int) -> Any:
 
 
 def _child(path: str, key: str) -> str:
-    """``path.key`` for identifier keys, ``path["odd key"]`` otherwise (JSONPath bracket form)."""
+    """``path.key`` for identifier keys, ``path["odd key"]`` otherwise (JSONPath bracket form);
+    just ``key`` at the root."""
     if key and key.isidentifier() and key.isascii():
-        return f"{path}.{key}"
+        return f"{path}.{key}" if path else key
     return f"{path}[{json.dumps(key, ensure_ascii=False)}]"

@@ -19,13 +19,18 @@ CALL_DECIDED = "CallDecided"
 CALL_COMPLETED = "CallCompleted"
 CALL_FAILED = "CallFailed"
 CALL_REPLY = "CallReply"
+CALL_CANCELLED = "CallCancelled"
 APPROVAL_REQUESTED = "ApprovalRequested"
 APPROVAL_DECIDED = "ApprovalDecided"
+APPROVAL_RESOLVED = "ApprovalResolved"
+APPROVAL_NOTIFIED = "ApprovalNotified"
+APPROVAL_HELD = "ApprovalHeld"
+RATE_CHECK = "RateCheck"
 POLICY_BUNDLE_PUBLISHED = "PolicyBundlePublished"
 FORWARDER_CLAIM = "ForwarderClaim"
 DEAD_LETTER = "DeadLetter"
 
-Decision = Literal["allow", "deny", "require_approval", "rate_limited"]
+Decision = Literal["allow", "deny", "require_approval", "rate_limited", "expired"]
 TerminalState = Literal["completed", "failed", "denied", "expired", "rate_limited"]
 
 
@@ -160,6 +165,8 @@ class CallCompleted(Envelope):
     stream: bool
     submitted_at: int | None
     blocked_tools: list[BlockedTool]
+    first_token_ms: NotRequired[float | None]
+    chunks: NotRequired[int | None]
 
 
 class CallFailed(Envelope):
@@ -185,6 +192,14 @@ class CallReply(Envelope):
     headers: dict[str, str]
     body: bytes
     terminal_state: str | None
+
+
+class CallCancelled(Envelope):
+    """calls.cancelled: the caller of a streamed call went away; its upstream request is cancelled."""
+
+    reason: str
+    ingress_instance: str
+    chunks_delivered: int
 
 
 class ForwarderClaim(Envelope):
@@ -228,6 +243,18 @@ class ApprovalRequested(Envelope):
     approver_groups: list[str]
     quorum: int
     expires_at: int
+    each_group: bool
+    max_window_seconds: int
+    rule_id: str
+    model: str
+    skills: list[str]
+    tools: list[str]
+    estimated_tokens: int
+    request_sha256: str
+    mode: str
+    kind: str
+    tool: str
+    command_sha256: str
 
 
 class ApprovalDecided(Envelope):
@@ -238,6 +265,59 @@ class ApprovalDecided(Envelope):
     comment: str | None
     grant: str
     window_seconds: NotRequired[int | None]
+
+
+class ApprovalResolved(Envelope):
+    """approvals.resolved: how an approval ended (identity: the requester)."""
+
+    approval_id: str
+    outcome: str
+    grant: str
+    grant_until: int | None
+    rule_id: str
+    deciders: list[str]
+    reason: str
+    requested_at: int
+    kind: str
+    command_sha256: str
+
+
+class ApprovalNotified(Envelope):
+    """approvals.notified: one webhook delivery of an approval request."""
+
+    approval_id: str
+    group: str
+    target: str
+    delivered: bool
+    attempts: int
+    status: int | None
+    error: str | None
+
+
+class RateCharge(TypedDict):
+    """One rate-limit counter a call is charged to."""
+
+    key: str
+    window_seconds: int
+    amount: int
+    limit: int
+
+
+class RateCheck(Envelope):
+    """policy.ratelimit: a call on its way through the rate-limit counters (internal)."""
+
+    submitted: bytes
+    charges: list[RateCharge]
+    index: int
+    totals: list[int]
+
+
+class ApprovalHeld(Envelope):
+    """approvals.held: a call waiting for approval, as the policy service keeps it (internal)."""
+
+    approval_id: str
+    request: bytes
+    release: bytes
 
 
 def now_micros() -> int:

@@ -9,6 +9,11 @@ skillgate policy check FILE          # validate a bundle (errors name file:line 
 skillgate policy test FILE CASES.yaml
 skillgate policy publish FILE [--as USER]
 skillgate audit find-secret VALUE    # auditor: did this value pass through, when, by whom?
+skillgate audit verify               # auditor: recompute the tamper-evidence chain
+skillgate search [--user U] [-q WORDS] [--since T] ...   # auditor: search recorded calls
+skillgate replay SESSION | --rerun CALL                   # auditor: transcript, or resend + diff
+skillgate export --since T --format jsonl|parquet -o F    # auditor: export recorded calls
+skillgate approvals list|show|approve|deny [ID] [--comment C] [--window-minutes N]  # approvers
 """
 
 from __future__ import annotations
@@ -98,6 +103,9 @@ Try it (a dev token for alice, valid 1 h):
 
   .venv/bin/skillgate sql "SELECT call_id, subject, state, status FROM calls ORDER BY submitted_at DESC LIMIT 5"
 
+Prompts over ~500 tokens wait for an approver (policies/default.yaml); decide as bob:
+  .venv/bin/skillgate approvals list --token $(.venv/bin/skillgate token --user bob --groups approvers)
+
 Ctrl-C stops everything.
 (token for the examples above: {token[:16]}... run `skillgate token` for a full one)
 """,  # noqa: S608 - help text that shows a SQL example, not a query
@@ -170,12 +178,22 @@ def _audit(args: argparse.Namespace) -> int:
     from services.recorder.cli import find_secret_command, read_secret_value
     from skillgate.config import CommonSettings
 
+    if args.audit_action == "verify":
+        return _investigate(args)
+
     value = read_secret_value(args.value, sys.stdin)
     if value is None:
         print("error: no value given (pass it, or `-` to read it from stdin)", file=sys.stderr)
         return 2
     token = args.token or os.environ.get("SKILLGATE_AUDITOR_TOKEN") or _mint("cli", ["auditors"], 600)
     return find_secret_command(value, args.format, CommonSettings().recorder_url, token)
+
+
+def _investigate(args: argparse.Namespace) -> int:
+    from services.cli import audit
+    from skillgate.config import CommonSettings
+
+    return audit.run(args, CommonSettings().recorder_url, lambda user, groups: _mint(user, groups, 600))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
         "value from stdin, which keeps it out of the process list and shell history.",
     )
     find.add_argument("value", help="the value, or `-` to read it from stdin")
+    from services.cli import audit as audit_cli
+
+    audit_cli.add_parsers(sub, audit_sub)
+    from services.cli import approvals as approvals_cli
+
+    approvals_cli.add_parser(sub)
     find.add_argument("--format", choices=["table", "json"], default="table")
     find.add_argument(
         "--token",
@@ -260,6 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         return _policy(args)
     if args.command == "audit":
         return _audit(args)
+    if args.command in ("search", "replay", "export"):
+        return _investigate(args)
+    if args.command == "approvals":
+        from services.cli import approvals as approvals_cli
+
+        return approvals_cli.run(args, lambda: _mint("cli-approver", ["approvers"], 600))
     return _run_service(args.command)
 
 

@@ -68,6 +68,37 @@ class ForwarderSettings(BaseSettings):
         "taking over a partition reads claims from its committed offset on, however old.",
     )
     commit_interval_seconds: float = Field(0.2, description="How often finished offsets are committed.")
+    stream_holdback_chars: int = Field(
+        256,
+        ge=0,
+        description="Streamed answers: how long a value may be before it becomes a match, for the "
+        "detector patterns without an upper bound (most secret formats); the text hold-back window is "
+        "the longest span of the types masked for the call, with those patterns counted at this length. "
+        "Larger is safer, smaller lets text flow sooner.",
+    )
+    stream_max_hold_chars: int = Field(
+        16 * 1024,
+        ge=256,
+        description="Streamed answers: the most text held back for one value that is still growing "
+        "at the end of the text; beyond it the value is released masked (bounds memory per stream).",
+    )
+    stream_max_chunk_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        description="Streamed answers: the most SSE bytes in one chunk message on calls.replies.",
+    )
+    stream_chunks_in_flight: int = Field(
+        8,
+        ge=1,
+        description="Streamed answers: chunk messages of one call awaiting their ack at once (the "
+        "producer keeps them in order); beyond it, what arrives is batched into bigger chunks.",
+    )
+    approvals_url: str = Field(
+        "http://127.0.0.1:8080",
+        validation_alias="SKILLGATE_POLICY_APPROVALS_URL",
+        description="Public ingress URL named in the explanation of a tool call held for approval "
+        "(read from SKILLGATE_POLICY_APPROVALS_URL, as the policy service and ingress do).",
+    )
     bundle: Path = Field(
         DEFAULT_BUNDLE,
         validation_alias="SKILLGATE_POLICY_BUNDLE",

@@ -22,39 +22,57 @@ answer is withheld and the call fails (503, not to be retried: the upstream did 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
+import httpx
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
 from prometheus_client import Counter, Gauge
 
 from services.forwarder import handlers
+from services.forwarder.approvals import ToolApprovals
 from services.forwarder.config import ForwarderSettings
 from services.forwarder.guard import GuardedResponse, GuardError, ResponsePolicy, guard_response
-from services.forwarder.upstream import UnknownUpstream, UpstreamResult, Upstreams
-from skillgate import topics
+from services.forwarder.streaming import (
+    CancelWatcher,
+    ChunkRelay,
+    SSEParser,
+    StreamGuard,
+    end_reply,
+    error_frame,
+)
+from services.forwarder.upstream import UnknownUpstream, UpstreamResult, Upstreams, UpstreamStream, describe
+from skillgate import events, topics
 from skillgate.codec import AvroCodec, CodecError, default_codec
 from skillgate.config import KafkaSettings
 from skillgate.events import (
+    APPROVAL_HELD,
+    APPROVAL_REQUESTED,
     CALL_COMPLETED,
     CALL_DECIDED,
     CALL_FAILED,
     CALL_REPLY,
     FORWARDER_CLAIM,
+    ApprovalHeld,
+    CallCompleted,
     CallDecided,
     CallReply,
 )
 from skillgate.fingerprints import load_fingerprint_key
+from skillgate.follow import TopicFollower
 from skillgate.kafka import DeadLetterer, make_consumer, make_producer
 from skillgate.logs import call_context
 from skillgate.metrics import EVENTS_CONSUMED, EVENTS_PRODUCED, STAGE_SECONDS
 from skillgate.policy.bundle import Bundle, BundleError, load_bundle
 from skillgate.policy.detectors import DetectorError
 from skillgate.policy.distribution import BundleWatcher
+from skillgate.policy.grants import Grants
 from skillgate.policy.masking import MaskingError
 
 log = logging.getLogger(__name__)
@@ -66,6 +84,15 @@ DUPLICATES = Counter(
     "skillgate_forwarder_duplicates_total", "Redelivered decisions not forwarded again", ["kind"]
 )
 IN_FLIGHT = Gauge("skillgate_forwarder_in_flight", "Calls in flight in this replica")
+STREAMS = Counter(
+    "skillgate_forwarder_streams_total",
+    "Streamed calls by how they ended",
+    ["outcome"],  # completed, refused, upstream_error, broken, unchecked, cancelled
+)
+STREAM_CHUNKS = Counter(
+    "skillgate_forwarder_stream_chunks_total", "Chunk messages produced to calls.replies for streams"
+)
+STREAM_FRAMES = Counter("skillgate_forwarder_stream_frames_total", "SSE events relayed to callers of streams")
 GUARDED = Counter(
     "skillgate_forwarder_guarded_total",
     "Responses the response guard changed or stopped",
@@ -75,6 +102,18 @@ GUARDED = Counter(
 _KEPT_POLICIES = 16
 #: Exceptions whose message is known to name no body content (others are reported by type only).
 _SAFE_MESSAGES = (GuardError, MaskingError, DetectorError)
+#: HTTP status of an Anthropic error type (for an ``error`` event in the middle of a stream).
+_STATUS_OF_ERROR = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}
 
 
 class OffsetTracker:
@@ -179,6 +218,12 @@ class ForwarderService:
         # version is checked with that version's rules and detectors (bounded).
         self._policies: OrderedDict[str, ResponsePolicy] = OrderedDict()
         self._fingerprint_key: bytes | None = None
+        # Streams stop when their caller goes away (ingress → calls.cancelled → here).
+        self.cancels = CancelWatcher(kafka, topics.name(kafka, topics.CANCELLED), self.codec)
+        # Tool commands approved after a tool rule held them (approvals.resolved → grants).
+        self.grants = Grants()
+        self._grants_follower = TopicFollower(kafka, [topics.APPROVALS_RESOLVED], self.grants.on_event)
+        self.held_topic = topics.name(kafka, topics.APPROVALS_HELD)
         self.reload_bundle()
 
     # -- the policy bundle -------------------------------------------------------------------
@@ -223,6 +268,8 @@ class ForwarderService:
         """Start Kafka clients and join the group."""
         await self.producer.start()
         self.deadletter = DeadLetterer(self.producer, self.kafka, "forwarder", self.codec)
+        await self.cancels.start()
+        await self._grants_follower.start()
         await self.consumer.start()
         self.consumer.subscribe([self.decided_topic], listener=_Listener(self))
 
@@ -233,6 +280,8 @@ class ForwarderService:
         if pending:
             await asyncio.wait(pending, timeout=self.settings.read_timeout_seconds)
         await self._commit()
+        await self.cancels.stop()
+        await self._grants_follower.stop()
         await self.consumer.stop()
         await self.producer.stop()
         await self.upstreams.close()
@@ -458,6 +507,9 @@ class ForwarderService:
             await self._finish(tp.partition, decided, failed, reply, "failed")
             return
         assert policy is not None
+        if decided["stream"]:
+            await self._forward_stream(tp, decided, policy)
+            return
         try:
             with STAGE_SECONDS.labels("forwarder", "upstream").time():
                 result = await self.upstreams.call(
@@ -474,16 +526,218 @@ class ForwarderService:
             )
             await self._finish(tp.partition, decided, failed, reply, "failed")
             return
+        await self._finish_unstreamed(tp, decided, policy, result)
+        log.debug("call forwarded", extra={"status": result.status, "attempts": len(result.attempts)})
+
+    # -- streamed calls ------------------------------------------------------------------------
+
+    async def _forward_stream(self, tp: TopicPartition, decided: CallDecided, policy: ResponsePolicy) -> None:
+        """Forward a ``stream: true`` call: relay its events, checked and masked, as they come.
+
+        See :mod:`services.forwarder.streaming`. The call still ends in exactly one terminal
+        event built from the assembled answer (the same record as a non-streamed call, plus time
+        to first token), then an ``end`` message for the caller, then the ``done`` claim.
+        """
+        call_id = decided["call_id"]
+        cancelled = self.cancels.watch(call_id)
+        try:
+            if cancelled.is_set():
+                # The caller left before the upstream was called: nothing is sent upstream.
+                STREAMS.labels("cancelled").inc()
+                failed, _ = handlers.unusable_events(
+                    decided, "the caller disconnected before the call was forwarded"
+                )
+                failed["status"], failed["error_type"] = 499, "client_disconnected"
+                await self._finish(tp.partition, decided, failed, None, "failed")
+                return
+            try:
+                opened = await self.upstreams.open_stream(
+                    decided["upstream"],
+                    decided["method"],
+                    decided["path"],
+                    decided["query"],
+                    decided["headers"],
+                    decided["body"] or b"",
+                )
+            except UnknownUpstream:
+                failed, reply = handlers.unusable_events(
+                    decided, f"no upstream connection named `{decided['upstream']}` is configured"
+                )
+                await self._finish(tp.partition, decided, failed, reply, "failed")
+                return
+            if opened.result is not None:
+                await self._finish_unstreamed(tp, decided, policy, opened.result)
+                return
+            await self._relay_stream(tp, decided, policy, opened, cancelled)
+        finally:
+            self.cancels.unwatch(call_id)
+
+    async def _finish_unstreamed(
+        self, tp: TopicPartition, decided: CallDecided, policy: ResponsePolicy, result: UpstreamResult
+    ) -> None:
+        """Guard a whole (non-streamed) answer and publish it. Also for a streamed call the
+        upstream answered without a stream (an error status, or nothing): the caller gets the JSON
+        answer, and the record says the call asked for a stream."""
         UPSTREAM_CALLS.labels(decided["upstream"], str(result.status)).inc()
-        guarded = self._guard(decided, policy, result)
+        guarded = await self._guard(decided, policy, result)
         if isinstance(guarded, str):
             failed, reply = handlers.unchecked_events(decided, result, guarded)
             await self._finish(tp.partition, decided, failed, reply, "failed")
             return
         terminal, reply = handlers.guarded_events(decided, result, guarded)
         state = "completed" if "latency_ms" in terminal else "failed"
+        if state == "completed" and decided["stream"]:
+            cast(CallCompleted, terminal)["stream"] = True
         await self._finish(tp.partition, decided, terminal, reply, state)
-        log.debug("call forwarded", extra={"status": result.status, "attempts": len(result.attempts)})
+
+    async def _relay_stream(
+        self,
+        tp: TopicPartition,
+        decided: CallDecided,
+        policy: ResponsePolicy,
+        opened: UpstreamStream,
+        cancelled: asyncio.Event,
+    ) -> None:
+        response = opened.response
+        assert response is not None
+        UPSTREAM_CALLS.labels(decided["upstream"], str(response.status_code)).inc()
+        s = self.settings
+        headers = {
+            **opened.headers,
+            "content-type": response.headers.get("content-type", "text/event-stream"),
+        }
+        relay = ChunkRelay(
+            self.producer,
+            self.codec,
+            decided,
+            headers,
+            max_chunk_bytes=s.stream_max_chunk_bytes,
+            in_flight=s.stream_chunks_in_flight,
+        )
+        parser = SSEParser()
+        first_token_ms: float | None = None
+        approvals = self.tool_approvals(decided)
+        try:
+            guard: StreamGuard | None = StreamGuard(
+                policy,
+                decided["response_mask_upstream"],
+                holdback_cap=s.stream_holdback_chars,
+                max_hold=s.stream_max_hold_chars,
+                seed=decided["masked"],
+                approvals=approvals,
+            )
+        except (DetectorError, MaskingError) as exc:
+            guard = None
+            unchecked: BaseException | None = exc
+        else:
+            unchecked = None
+
+        async def pump() -> None:
+            nonlocal first_token_ms
+            assert guard is not None
+            async for data in response.aiter_bytes():
+                for event in parser.feed(data):
+                    if first_token_ms is None and event.name == "content_block_delta":
+                        first_token_ms = (time.perf_counter() - opened.started) * 1000.0
+                    relay.add(guard.event(event))
+                    if guard.refused or guard.error is not None or guard.stopped:
+                        return
+
+        broken: BaseException | None = None
+        if guard is not None:
+            pumping = asyncio.create_task(pump())
+            waiting = asyncio.create_task(cancelled.wait())
+            try:
+                await asyncio.wait({pumping, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiting.cancel()
+                if not pumping.done():
+                    pumping.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pumping
+                await response.aclose()  # closes the connection: cancels an unfinished upstream request
+            if not pumping.cancelled():
+                broken = pumping.exception()
+        else:
+            await response.aclose()
+        latency_ms = (time.perf_counter() - opened.started) * 1000.0
+
+        # How it ended; the caller's stream gets a closing error event where it was cut short.
+        state, failure, outcome = "completed", None, "completed"
+        if cancelled.is_set() and (guard is None or not guard.stopped):
+            outcome = "cancelled"
+            failure = (
+                499,
+                "client_disconnected",
+                f"the caller disconnected mid-stream after {relay.seq} chunk message(s); "
+                "the upstream request was cancelled",
+            )
+        elif guard is None or (broken is not None and not isinstance(broken, httpx.HTTPError)):
+            cause = unchecked if guard is None else broken
+            detail = str(cause) if isinstance(cause, _SAFE_MESSAGES) else "(message withheld)"
+            outcome = "unchecked"
+            failure = (
+                503,
+                "api_error",
+                f"skillgate could not check the streamed answer against policy ({type(cause).__name__}: "
+                f"{detail}); the rest of the answer was withheld",
+            )
+            log.error("stream guard failed: stream cut closed", extra={"error": type(cause).__name__})
+        elif isinstance(broken, httpx.HTTPError):
+            outcome = "broken"
+            failure = (502, "api_error", f"the upstream stream broke off: {describe(broken)}")
+        elif guard.error is not None:
+            outcome = "upstream_error"
+            etype = str(guard.error.get("type") or "api_error")
+            failure = (
+                _STATUS_OF_ERROR.get(etype, 500),
+                etype,
+                f"the upstream sent an error mid-stream: {etype}: {guard.error.get('message', '')}",
+            )
+        elif guard.refused:
+            outcome = "refused"
+        elif not guard.stopped:
+            outcome = "broken"
+            failure = (502, "api_error", "the upstream stream ended before message_stop")
+        if failure is not None:
+            state = "failed"
+            if outcome in ("unchecked", "broken"):
+                relay.add([error_frame(failure[1], failure[2])])
+        STREAMS.labels(outcome).inc()
+        if outcome == "cancelled":
+            await relay.abort()
+        else:
+            await relay.close()
+        STREAM_CHUNKS.inc(relay.seq)
+        STREAM_FRAMES.inc(relay.frames_sent)
+
+        # The record: the assembled answer through the same guard as a non-streamed one.
+        record: GuardedResponse | None = None
+        if guard is not None:
+            assembled = orjson.dumps(guard.assembled())
+            result = UpstreamResult(200, headers, assembled, opened.attempts, None, latency_ms)
+            checked = await self._guard(decided, policy, result, approvals)
+            record = checked if isinstance(checked, GuardedResponse) else None
+        terminal = handlers.streamed_terminal(
+            decided,
+            opened,
+            record,
+            failure,
+            latency_ms=latency_ms,
+            first_token_ms=first_token_ms,
+            chunks=relay.seq,
+        )
+        reply = end_reply(decided, relay.seq, state) if outcome != "cancelled" else None
+        await self._finish(tp.partition, decided, terminal, reply, state)
+        log.debug(
+            "stream forwarded",
+            extra={
+                "outcome": outcome,
+                "chunks": relay.seq,
+                "frames": relay.frames_sent,
+                "ms": round(latency_ms, 1),
+            },
+        )
 
     def policy_for(self, decided: CallDecided) -> ResponsePolicy | None:
         """The response policy for a decision: that of the bundle version the decision names if
@@ -514,19 +768,22 @@ class ForwarderService:
                 f"skillgate's forwarder has no valid policy bundle ({self.bundle_error}), so it "
                 "cannot check answers; the call was not forwarded"
             )
-        if decided["stream"] and policy.active(
-            decided["response_mask_upstream"], decided["response_mask_record"]
-        ):
-            return (
-                "streamed responses cannot be checked against policy by this skillgate version; "
-                "the call was not forwarded (send it without stream: true)"
-            )
         return None
 
-    def _guard(
-        self, decided: CallDecided, policy: ResponsePolicy, result: UpstreamResult
+    def tool_approvals(self, decided: CallDecided) -> ToolApprovals:
+        """The call's tool-approval context (grants it may use, approvals it asks for)."""
+        return ToolApprovals(decided, self.grants, self.settings.approvals_url)
+
+    async def _guard(
+        self,
+        decided: CallDecided,
+        policy: ResponsePolicy,
+        result: UpstreamResult,
+        approvals: ToolApprovals | None = None,
     ) -> GuardedResponse | str:
-        """Run the response guard; when it fails, the message for a fail-closed outcome instead."""
+        """Run the response guard (and ask for the approvals of tool calls it held); when it
+        fails, the message for a fail-closed outcome instead."""
+        approvals = approvals or self.tool_approvals(decided)
         try:
             with STAGE_SECONDS.labels("forwarder", "guard").time():
                 guarded = guard_response(
@@ -536,6 +793,8 @@ class ForwarderService:
                     result.body,
                     mask_upstream=decided["response_mask_upstream"],
                     mask_record=decided["response_mask_record"],
+                    seed=decided["masked"],
+                    approvals=approvals,
                 )
         except Exception as exc:
             detail = str(exc) if isinstance(exc, _SAFE_MESSAGES) else "(message withheld)"
@@ -562,7 +821,42 @@ class ForwarderService:
                     "blocked": [(b["tool"], b["rule_id"], b["action"]) for b in guarded.blocked],
                 },
             )
+        await self._ask_approvals(decided, approvals)
         return guarded
+
+    async def _ask_approvals(self, decided: CallDecided, approvals: ToolApprovals) -> None:
+        """Hand held tool calls to the approvals workflow (approvals.held, keyed by approval id).
+
+        The answer is safe either way (the tool call was withheld); if Kafka refuses, the
+        approval id the caller read leads nowhere, which is logged for operators.
+        """
+        for request in approvals.requests:
+            held = ApprovalHeld(
+                **events.envelope(
+                    decided["call_id"],
+                    decided["session_id"],
+                    decided["identity"],
+                    decided["bundle_version"],
+                    event_id=events.derived_event_id(
+                        decided["call_id"], f"approval-held:{request['approval_id']}"
+                    ),
+                ),
+                approval_id=request["approval_id"],
+                request=self.codec.encode(APPROVAL_REQUESTED, request),
+                release=b"",
+            )
+            try:
+                await self.producer.send_and_wait(
+                    self.held_topic,
+                    self.codec.encode(APPROVAL_HELD, held),
+                    key=request["approval_id"].encode(),
+                )
+                EVENTS_PRODUCED.labels("forwarder", topics.APPROVALS_HELD).inc()
+            except Exception as exc:
+                log.error(
+                    "could not ask for a tool call's approval",
+                    extra={"approval_id": request["approval_id"], "error": type(exc).__name__},
+                )
 
     async def _finish(
         self,

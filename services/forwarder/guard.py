@@ -41,6 +41,7 @@ from typing import Any, Final
 
 import orjson
 
+from services.forwarder.approvals import ToolApprovals
 from skillgate.errors import new_request_id
 from skillgate.events import BlockedTool, MaskedValue
 from skillgate.policy.bundle import Bundle, CompiledToolRule
@@ -54,6 +55,7 @@ __all__ = [
     "blocked_text",
     "find_blocked_tools",
     "guard_response",
+    "request_approvals",
 ]
 
 #: Content blocks whose ``input`` a tool would run with.
@@ -96,11 +98,18 @@ class ToolMatch:
     tool_use_id: str
     tool: str
     rule: CompiledToolRule
+    approval_id: str = ""  # for ``require_approval``: the approval asked for
+    note: str = ""  # for ``require_approval``: the explanation (names the approval)
 
     @property
     def action(self) -> str:
-        """``block_tool`` or ``block_response``."""
+        """``block_tool``, ``block_response`` or ``require_approval``."""
         return self.rule.rule.action
+
+    @property
+    def explanation(self) -> str:
+        """What replaces the blocked block for the caller and the model."""
+        return self.note or blocked_text(self.tool, self.rule)
 
     def record(self) -> BlockedTool:
         """The ``BlockedTool`` entry of ``CallCompleted.blocked_tools``."""
@@ -183,12 +192,16 @@ def _matches(rule: CompiledToolRule, texts: list[str]) -> bool:
     return any(pattern.search(text) is not None for pattern in rule.patterns for text in texts)
 
 
-def find_blocked_tools(tool_rules: Collection[CompiledToolRule], content: list[Any]) -> list[ToolMatch]:
+def find_blocked_tools(
+    tool_rules: Collection[CompiledToolRule], content: list[Any], approvals: ToolApprovals | None = None
+) -> list[ToolMatch]:
     """The tool blocks of ``content`` that a rule stops, in content order.
 
-    Per block, a matching ``block_response`` rule wins over a ``block_tool`` one (the stronger
-    action), then bundle order. Blocks without a string ``name`` are checked against the rules
-    that apply to every tool.
+    Per block, the strongest action wins (``block_response``, then ``block_tool``, then
+    ``require_approval``), then bundle order. Blocks without a string ``name`` are checked
+    against the rules that apply to every tool. With ``approvals``, a ``require_approval`` hit
+    that a grant of the caller covers does not stop the block; without, it blocks like
+    ``block_tool``.
     """
     if not tool_rules:
         return []
@@ -203,12 +216,49 @@ def find_blocked_tools(tool_rules: Collection[CompiledToolRule], content: list[A
             continue
         texts = _texts(block.get("input"))
         hits = [r for r in rules if _matches(r, texts)]
+        raw_id = block.get("id")
+        block_id = raw_id if isinstance(raw_id, str) else ""
+        if approvals is not None:
+            hits = [
+                r
+                for r in hits
+                if r.rule.action != "require_approval"
+                or not approvals.covered(r, tool, block_id, block.get("input"))
+            ]
         if not hits:
             continue
-        strongest = next((r for r in hits if r.rule.action == "block_response"), hits[0])
-        block_id = block.get("id")
-        found.append(ToolMatch(index, block_id if isinstance(block_id, str) else "", tool, strongest))
+        strongest = min(hits, key=lambda r: _STRENGTH.get(r.rule.action, 1))
+        if strongest.rule.action == "require_approval" and approvals is not None:
+            approval_id = approvals.approval_id(block_id)
+            note = approvals.explanation(tool, strongest, approval_id)
+            found.append(ToolMatch(index, block_id, tool, strongest, approval_id, note))
+        else:
+            found.append(ToolMatch(index, block_id, tool, strongest))
     return found
+
+
+#: Which of several rules matching one block acts (lowest first).
+_STRENGTH: Final = {"block_response": 0, "block_tool": 1, "require_approval": 2}
+
+
+def request_approvals(
+    approvals: ToolApprovals | None, matches: list[ToolMatch], content: list[Any], shown: list[Any]
+) -> None:
+    """Ask for approval of each held tool call; ``shown`` is the content as recorded (masked for
+    the record), which is what approvers see."""
+    if approvals is None:
+        return
+    for m in matches:
+        if m.action == "require_approval" and m.approval_id:
+            block = content[m.index]
+            shown_block = shown[m.index] if m.index < len(shown) else {}
+            approvals.request(
+                m.rule,
+                m.tool,
+                m.tool_use_id,
+                block.get("input") if isinstance(block, dict) else None,
+                shown_block.get("input") if isinstance(shown_block, dict) else None,
+            )
 
 
 def _apply_blocks(
@@ -244,13 +294,14 @@ def _apply_blocks(
             moved[i] = position
             new_content.append(block)
             continue
-        explanation: dict[str, Any] = {"type": "text", "text": blocked_text(match.tool, match.rule)}
+        explanation: dict[str, Any] = {"type": "text", "text": match.explanation}
         if for_record:
             originals = [block] + [content[j] for j in results.get(i, [])]
             explanation["skillgate_blocked"] = {
                 "rule_id": match.rule.rule.id,
                 "reason": match.rule.rule.reason,
                 "action": match.action,
+                "approval_id": match.approval_id or None,
                 "blocks": originals,
             }
             moved[i] = f"{position}.skillgate_blocked.blocks[0]"
@@ -291,11 +342,12 @@ def _other_body(
     is_json: bool,
     upstream: Collection[str],
     record: Collection[str],
+    seed: Collection[MaskedValue] = (),
 ) -> GuardedResponse:
     """An error answer, or a body that is not a Messages response: masked, never reshaped."""
     if not (upstream or record):
         return GuardedResponse(status, dict(headers), body, body, usage_doc=doc if is_json else None)
-    session = policy.masker.session()
+    session = policy.masker.session(seed)
     if is_json:
         up_doc, rec_doc, masked = session.mask_json_layers(doc, upstream=upstream, record=record)
     else:
@@ -342,10 +394,15 @@ def guard_response(
     *,
     mask_upstream: Collection[str],
     mask_record: Collection[str],
+    seed: Collection[MaskedValue] = (),
+    approvals: ToolApprovals | None = None,
 ) -> GuardedResponse:
     """Check and mask one upstream answer (see the module docstring).
 
-    ``mask_upstream`` / ``mask_record`` are the detector types policy chose for this call. Raises
+    ``mask_upstream`` / ``mask_record`` are the detector types policy chose for this call;
+    ``seed`` the values the request had masked (the decision's ``masked``), so an echoed value
+    keeps the request's placeholder; ``approvals`` the call's tool-approval context (held tool
+    calls are collected in it). Raises
     (``GuardError``, ``MaskingError``, ``DetectorError`` for a type this bundle does not know,
     ...) when the answer cannot be checked; the caller must then fail the call closed.
     """
@@ -356,15 +413,16 @@ def guard_response(
         200 <= status < 300 and is_json and isinstance(doc, dict) and isinstance(doc.get("content"), list)
     )
     if not is_message:
-        return _other_body(policy, status, headers, body, doc, is_json, mask_upstream, mask_record)
+        return _other_body(policy, status, headers, body, doc, is_json, mask_upstream, mask_record, seed)
     assert isinstance(doc, dict)
-    matches = find_blocked_tools(policy.bundle.tool_rules, doc["content"])
+    matches = find_blocked_tools(policy.bundle.tool_rules, doc["content"], approvals)
     if mask_upstream or mask_record:
-        layers = policy.masker.session().mask_response_layers(doc, upstream=mask_upstream, record=mask_record)
+        session = policy.masker.session(seed)
+        layers = session.mask_response_layers(doc, upstream=mask_upstream, record=mask_record)
         up_doc, rec_doc, masked = layers.upstream, layers.record, layers.masked
     else:
         up_doc, rec_doc, masked = doc, doc, []
-    blocked = [m.record() for m in matches]
+    blocked = [m.record() for m in matches] + (approvals.granted if approvals is not None else [])
 
     if any(m.action == "block_response" for m in matches):
         request_id = headers.get("request-id") or new_request_id()
@@ -387,6 +445,7 @@ def guard_response(
         )
 
     if matches:
+        request_approvals(approvals, matches, doc["content"], rec_doc["content"])
         caller_doc, _ = _apply_blocks(up_doc, matches, for_record=False)
         record_doc, moved = _apply_blocks(rec_doc, matches, for_record=True)
         return GuardedResponse(
@@ -407,4 +466,6 @@ def guard_response(
         record_body = orjson.dumps(rec_doc)
     else:
         record_body = caller_body  # only upstream-layer values: both audiences see the same
-    return GuardedResponse(status, dict(headers), caller_body, record_body, masked=masked, usage_doc=doc)
+    return GuardedResponse(
+        status, dict(headers), caller_body, record_body, masked=masked, blocked=blocked, usage_doc=doc
+    )

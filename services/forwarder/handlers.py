@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 
 from services.forwarder.guard import GuardedResponse
-from services.forwarder.upstream import RETRYABLE_STATUS, UpstreamResult
+from services.forwarder.upstream import RETRYABLE_STATUS, UpstreamResult, UpstreamStream
 from skillgate import events
 from skillgate.errors import error_type_for
 from skillgate.events import (
@@ -127,6 +127,8 @@ def guarded_events(
             stream=False,
             submitted_at=decided["submitted_at"],
             blocked_tools=guarded.blocked,
+            first_token_ms=None,
+            chunks=None,
         )
         state = "completed"
     reply: CallReply | None = None
@@ -193,4 +195,64 @@ def _failed(
         submitted_at=decided["submitted_at"],
         attempts=attempts,
         retry=retry,
+    )
+
+
+def streamed_terminal(
+    decided: CallDecided,
+    opened: UpstreamStream,
+    record: GuardedResponse | None,
+    failure: tuple[int, str, str] | None,
+    *,
+    latency_ms: float,
+    first_token_ms: float | None,
+    chunks: int,
+) -> CallCompleted | CallFailed:
+    """The terminal event of a streamed call, from its assembled answer.
+
+    ``record`` is the assembled answer after the response guard (``None`` when it could not be
+    checked: then no body is recorded). ``failure`` (status, error type, message) makes it a
+    ``CallFailed`` that keeps what was assembled until then, masked for the record. Otherwise a
+    ``CallCompleted`` like a non-streamed call's, with ``stream``, time to first token and the
+    number of chunk messages.
+    """
+    body = record.record_body if record is not None else None
+    if failure is not None:
+        status, etype, message = failure
+        return events.failed_event(
+            decided,
+            decided["bundle_version"],
+            stage="forwarder",
+            status=status,
+            error_type=etype,
+            message=message,
+            upstream=decided["upstream"],
+            submitted_at=decided["submitted_at"],
+            attempts=opened.attempts,
+            headers=record.headers if record is not None else dict(opened.headers),
+            body=body,
+        )
+    assert record is not None
+    usage_doc = record.usage_doc if record.usage_doc is not None else _parsed(record.record_body)
+    model, stop, tin, tout = _usage(usage_doc)
+    request_id = opened.headers.get("request-id")
+    return CallCompleted(
+        **_env(decided, "completed"),
+        upstream=decided["upstream"],
+        status=record.status,
+        headers=record.headers,
+        body=record.record_body,
+        attempts=opened.attempts,
+        latency_ms=latency_ms,
+        request_id=request_id,
+        model=model or decided["model"],
+        stop_reason=stop,
+        input_tokens=tin,
+        output_tokens=tout,
+        masked=record.masked,
+        stream=True,
+        submitted_at=decided["submitted_at"],
+        blocked_tools=record.blocked,
+        first_token_ms=first_token_ms,
+        chunks=chunks,
     )

@@ -112,10 +112,8 @@ class Upstreams:
         """Close every pooled client."""
         await asyncio.gather(*(c.aclose() for c in self._clients.values()))
 
-    async def call(
-        self, name: str, method: str, path: str, query: str, headers: dict[str, str], body: bytes
-    ) -> UpstreamResult:
-        """Send one call upstream, retrying as described in the module docstring."""
+    def _prepare(self, name: str, headers: dict[str, str]) -> tuple[httpx.AsyncClient, dict[str, str]]:
+        """The pooled client of ``name`` and the headers with its credential."""
         client = self._clients.get(name)
         if client is None:
             raise UnknownUpstream(name)
@@ -127,6 +125,78 @@ class Upstreams:
             send_headers[cfg.auth_header] = (
                 f"Bearer {value}" if cfg.auth_header.lower() == "authorization" else value
             )
+        return client, send_headers
+
+    async def open_stream(
+        self, name: str, method: str, path: str, query: str, headers: dict[str, str], body: bytes
+    ) -> UpstreamStream:
+        """Send a streamed call (``stream: true``) and return once the upstream answered.
+
+        Retries exactly as :meth:`call` does, and only before a stream started: an error status
+        (or a refused connection) means the upstream did not process the call. Once a 2xx
+        ``text/event-stream`` response is open it is returned as it is, never retried: a stream
+        that breaks later may have been processed (and billed).
+        """
+        client, send_headers = self._prepare(name, headers)
+        url = path + (f"?{query}" if query else "")
+        s = self._settings
+        attempts: list[UpstreamAttempt] = []
+        started = time.perf_counter()
+        delay = s.backoff_initial_seconds
+        while True:
+            number = len(attempts) + 1
+            t0 = time.perf_counter()
+            at = now_micros()
+            try:
+                request = client.build_request(method, url, headers=send_headers, content=body)
+                resp = await client.send(request, stream=True)
+            except httpx.HTTPError as exc:
+                attempts.append(_attempt(number, at, t0, 0, describe(exc), None, None))
+                if not never_sent(exc):
+                    error = f"upstream did not answer: {describe(exc)}"
+                    result = UpstreamResult(0, {}, b"", attempts, error, _ms(started), maybe_processed=True)
+                    return UpstreamStream(result, None, {}, attempts, started)
+                if number >= s.max_attempts:
+                    error = f"upstream unreachable: {describe(exc)}"
+                    result = UpstreamResult(0, {}, b"", attempts, error, _ms(started))
+                    return UpstreamStream(result, None, {}, attempts, started)
+                await asyncio.sleep(_jitter(delay))
+                delay = min(delay * 2, s.backoff_max_seconds)
+                continue
+            advice = _answered(attempts, number, at, t0, resp)
+            is_sse = resp.headers.get("content-type", "").startswith("text/event-stream")
+            if 200 <= resp.status_code < 300 and is_sse:
+                return UpstreamStream(None, resp, relay_headers(resp.headers), attempts, started)
+            try:
+                content = await resp.aread()
+            except httpx.HTTPError as exc:
+                error = f"upstream did not answer: {describe(exc)}"
+                result = UpstreamResult(0, {}, b"", attempts, error, _ms(started), maybe_processed=True)
+                return UpstreamStream(result, None, {}, attempts, started)
+            finally:
+                await resp.aclose()
+            retry = (
+                resp.status_code in RETRYABLE_STATUS
+                and resp.headers.get("x-should-retry", "true") != "false"
+                and number < s.max_attempts
+            )
+            if retry:
+                wait = advice if advice is not None else _jitter(delay)
+                if wait <= s.backoff_max_seconds:
+                    log.info("retrying upstream", extra={"status": resp.status_code, "wait_s": wait})
+                    await asyncio.sleep(wait)
+                    delay = min(delay * 2, s.backoff_max_seconds)
+                    continue
+            result = UpstreamResult(
+                resp.status_code, relay_headers(resp.headers), content, attempts, None, _ms(started)
+            )
+            return UpstreamStream(result, None, result.headers, attempts, started)
+
+    async def call(
+        self, name: str, method: str, path: str, query: str, headers: dict[str, str], body: bytes
+    ) -> UpstreamResult:
+        """Send one call upstream, retrying as described in the module docstring."""
+        client, send_headers = self._prepare(name, headers)
         url = path + (f"?{query}" if query else "")
         s = self._settings
         attempts: list[UpstreamAttempt] = []
@@ -150,18 +220,7 @@ class Upstreams:
                 await asyncio.sleep(_jitter(delay))  # never reached the upstream: safe to retry
                 delay = min(delay * 2, s.backoff_max_seconds)
                 continue
-            advice = retry_after_seconds(resp.headers)
-            attempts.append(
-                _attempt(
-                    number,
-                    at,
-                    t0,
-                    resp.status_code,
-                    None,
-                    advice * 1000 if advice is not None else None,
-                    resp.headers.get("request-id"),
-                )
-            )
+            advice = _answered(attempts, number, at, t0, resp)
             retry = (
                 resp.status_code in RETRYABLE_STATUS
                 and resp.headers.get("x-should-retry", "true") != "false"
@@ -182,6 +241,23 @@ class Upstreams:
                 None,
                 _ms(started),
             )
+
+
+@dataclass
+class UpstreamStream:
+    """A streamed call once the upstream answered: an open SSE response, or a final result.
+
+    ``response`` is the open ``text/event-stream`` response (status 2xx; the caller must close
+    it); otherwise ``result`` holds the final outcome as :meth:`Upstreams.call` gives it (an
+    error status after retries, or no answer). ``started`` is the ``perf_counter`` time the
+    first attempt began (time to first token and total latency are measured from it).
+    """
+
+    result: UpstreamResult | None
+    response: httpx.Response | None
+    headers: dict[str, str]
+    attempts: list[UpstreamAttempt]
+    started: float
 
 
 def never_sent(exc: httpx.HTTPError) -> bool:
@@ -216,6 +292,25 @@ def _ms(started: float) -> float:
 
 def _jitter(delay: float) -> float:
     return delay * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not security
+
+
+def _answered(
+    attempts: list[UpstreamAttempt], number: int, at: int, t0: float, resp: httpx.Response
+) -> float | None:
+    """Record an attempt the upstream answered; returns its retry-after advice in seconds."""
+    advice = retry_after_seconds(resp.headers)
+    attempts.append(
+        _attempt(
+            number,
+            at,
+            t0,
+            resp.status_code,
+            None,
+            advice * 1000 if advice is not None else None,
+            resp.headers.get("request-id"),
+        )
+    )
+    return advice
 
 
 def _attempt(

@@ -25,14 +25,17 @@ from fastapi.responses import Response
 from prometheus_client import Counter, Gauge, Histogram
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from services.ingress import handlers
+from services.ingress import approvals, handlers
+from services.ingress.approvals import ApprovalBook
 from services.ingress.config import IngressSettings
 from services.ingress.replies import ReplyRouter
+from services.ingress.streaming import StreamCall
 from skillgate import events, topics
 from skillgate.codec import AvroCodec, default_codec
 from skillgate.config import KafkaSettings, OIDCSettings, RoleSettings
 from skillgate.errors import GatewayError, error_body, new_request_id
 from skillgate.events import CALL_SUBMITTED, CallReply, Identity
+from skillgate.follow import TopicFollower
 from skillgate.identity import Role, roles_for
 from skillgate.kafka import make_producer
 from skillgate.logs import call_context
@@ -75,6 +78,8 @@ class Deps:
     recorder: httpx.AsyncClient
     submitted_topic: str
     recent: OrderedDict[str, str]  # call id → subject, for calls this replica accepted lately
+    book: ApprovalBook
+    approvals_decided_topic: str
 
 
 def anthropic_error(
@@ -174,8 +179,6 @@ async def _accept(
     stream = bool(parsed.get("stream", False))
     if stream and mode == "async":
         raise GatewayError(400, "stream: true is not available for async calls (use /v1/messages)")
-    if stream:
-        raise GatewayError(400, "stream: true is not supported by this skillgate version yet")
     call_id = events.new_call_id()
     session_id = handlers.session_id_from(request.headers, call_id)
     call_context.set((call_id, session_id))
@@ -232,6 +235,22 @@ async def _poll_recorded(deps: Deps, call_id: str, token: str | None, deadline: 
 async def sync_call(request: Request, deps: Deps, identity: Identity, path: str) -> Response:
     """Accept a call and hold the caller until its answer arrives (or the sync timeout)."""
     event, _ = await _accept(request, deps, identity, path=path, mode="sync")
+    if event["stream"]:  # server-sent events relayed from Kafka chunks: services/ingress/streaming.py
+        streamer = StreamCall(
+            router=deps.router,
+            producer=deps.producer,
+            codec=deps.codec,
+            cancel_topic=topics.name(deps.kafka, topics.CANCELLED),
+            instance=deps.settings.instance_id,
+            ping_seconds=deps.settings.stream_ping_seconds,
+            first_reply_timeout=deps.settings.sync_timeout_seconds,
+            idle_timeout=deps.settings.sync_timeout_seconds,
+            approval_wait=deps.settings.approval_wait_seconds,
+            approvals_url=deps.settings.approvals_url,
+        )
+        return await streamer.run(
+            event, lambda: _publish(deps, event), _reply_response, _DROP_RESPONSE_HEADERS
+        )
     call_id = event["call_id"]
     waiter, reply_to = deps.router.register(call_id)
     event["reply_to"] = reply_to
@@ -239,20 +258,39 @@ async def sync_call(request: Request, deps: Deps, identity: Identity, path: str)
     IN_FLIGHT.inc()
     try:
         await _publish(deps, event)
-        get = asyncio.ensure_future(waiter.queue.get())
-        orphan = asyncio.ensure_future(waiter.orphaned.wait())
-        try:
-            done, _ = await asyncio.wait(
-                {get, orphan},
-                timeout=deps.settings.sync_timeout_seconds,
-                return_when=asyncio.FIRST_COMPLETED,
+        pending: dict[str, Any] | None = None  # the approval notice, once the call is held
+        while True:
+            get = asyncio.ensure_future(waiter.queue.get())
+            orphan = asyncio.ensure_future(waiter.orphaned.wait())
+            try:
+                done, _ = await asyncio.wait(
+                    {get, orphan},
+                    timeout=max(0.0, deadline - time.monotonic()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                orphan.cancel()
+                if not get.done():
+                    get.cancel()
+            if get not in done:
+                break
+            reply = get.result()
+            if reply["kind"] != "approval_pending":
+                return _reply_response(reply, call_id)
+            # Held for a human: wait for the decision up to the approval wait (never longer
+            # than the sync timeout), then tell the caller how to get the result later.
+            pending = orjson.loads(reply["body"])
+            deadline = min(deadline, time.monotonic() + deps.settings.approval_wait_seconds)
+        if pending is not None and orphan not in done:
+            approval_id = str(pending["approval_id"])
+            return anthropic_error(
+                403,
+                approvals.pending_message(
+                    approval_id, str(pending.get("reason") or ""), deps.settings.approvals_url
+                ),
+                error_type="permission_error",
+                headers=approvals.pending_error_headers(approval_id, call_id),
             )
-        finally:
-            orphan.cancel()
-            if not get.done():
-                get.cancel()
-        if get in done:
-            return _reply_response(get.result(), call_id)
         if orphan in done:
             token = bearer_from_headers(
                 request.headers.get("authorization"), request.headers.get("x-api-key")
@@ -270,6 +308,64 @@ async def sync_call(request: Request, deps: Deps, identity: Identity, path: str)
     finally:
         IN_FLIGHT.dec()
         deps.router.unregister(call_id)
+
+
+async def approved_result(request: Request, deps: Deps, identity: Identity, approval_id: str) -> Response:
+    """A retry with ``x-skillgate-approval``: the result of the one upstream call the approval
+    released (from the audit store), never a second call.
+
+    Only the requester, with the same request body, gets it; while the approval is pending, or
+    after it was denied or expired, the caller is told so.
+    """
+    body = await handlers.read_body(
+        request.stream(), request.headers.get("content-length"), deps.settings.max_body_bytes
+    )
+    book = deps.book
+    await book.wait_for(lambda: book.get(approval_id) is not None, 2.0)  # a replica just started
+    view = book.get(approval_id)
+    if view is None or view.request["identity"]["subject"] != identity["subject"]:
+        raise GatewayError(404, f"no approval {approval_id} for a call of yours")
+    requested = view.request
+    call_id = requested["call_id"]
+    if approvals.request_matches(requested, body) is False:
+        raise GatewayError(
+            400,
+            f"this request differs from the one approval {approval_id} is for; send exactly the same request",
+        )
+    state = view.state(events.now_micros())
+    if state == "pending":
+        return anthropic_error(
+            403,
+            approvals.pending_message(approval_id, requested["reason"], deps.settings.approvals_url),
+            error_type="permission_error",
+            headers=approvals.pending_error_headers(approval_id, call_id),
+        )
+    if state != "approved":
+        reason = view.resolved["reason"] if view.resolved else f"approval {approval_id} expired"
+        return anthropic_error(
+            403,
+            f"{reason}; the call was not forwarded",
+            error_type="permission_error",
+            headers={
+                "x-skillgate-approval-id": approval_id,
+                "x-skillgate-approval-state": state,
+                "x-skillgate-call-id": call_id,
+                "x-should-retry": "false",
+            },
+        )
+    token = bearer_from_headers(request.headers.get("authorization"), request.headers.get("x-api-key"))
+    answer = await _poll_recorded(
+        deps, call_id, token, time.monotonic() + deps.settings.approval_wait_seconds
+    )
+    if answer is None:
+        return anthropic_error(
+            504,
+            f"call {call_id} was approved and is still running; fetch its outcome at /v1/calls/{call_id}",
+            error_type="timeout_error",
+            headers={"x-skillgate-call-id": call_id, "x-should-retry": "false"},
+        )
+    answer.headers["x-skillgate-approval-id"] = approval_id
+    return answer
 
 
 @asynccontextmanager
@@ -290,6 +386,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.warning("identity provider not reachable at start", extra={"error": str(exc)})
     router = ReplyRouter(kafka, settings.replies_group, settings.instance_id)
     await router.start()
+    book = ApprovalBook()
+    follower = TopicFollower(kafka, ApprovalBook.SUFFIXES, book.on_event)
+    await follower.start()
     recorder = httpx.AsyncClient(base_url=CommonSettings().recorder_url, timeout=5.0)
     app.state.deps = Deps(
         settings=settings,
@@ -302,11 +401,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         recorder=recorder,
         submitted_topic=topics.name(kafka, topics.SUBMITTED),
         recent=OrderedDict(),
+        book=book,
+        approvals_decided_topic=topics.name(kafka, topics.APPROVALS_DECIDED),
     )
     log.info("ingress ready", extra={"instance": settings.instance_id})
     try:
         yield
     finally:
+        await follower.stop()
         await router.stop()
         await producer.stop()
         await verifier.close()
@@ -352,7 +454,11 @@ def create_app(settings: IngressSettings | None = None) -> FastAPI:
     async def messages(request: Request, identity: Caller, deps: DepsDep) -> Response:
         """Anthropic Messages API, synchronously through the pipeline."""
         start = time.perf_counter()
-        response = await sync_call(request, deps, identity, "/v1/messages")
+        approval_id = request.headers.get(handlers.APPROVAL_HEADER)
+        if approval_id:
+            response = await approved_result(request, deps, identity, approval_id.strip())
+        else:
+            response = await sync_call(request, deps, identity, "/v1/messages")
         elapsed = time.perf_counter() - start
         REQUESTS.labels("/v1/messages", str(response.status_code)).inc()
         LATENCY.labels("/v1/messages").observe(elapsed)
@@ -416,6 +522,8 @@ def create_app(settings: IngressSettings | None = None) -> FastAPI:
             )
         headers = {k: v for k, v in resp.headers.items() if k.lower() in ("content-type", "request-id")}
         return Response(content=resp.content, status_code=resp.status_code, headers=headers)
+
+    app.include_router(approvals.create_router(get_deps, authenticate))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

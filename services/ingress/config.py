@@ -39,6 +39,31 @@ class IngressSettings(BaseSettings):
         description="How long a synchronous caller is held before 504 with the call id to poll "
         "(below the SDKs' 600 s default timeout, so the caller hears it rather than retrying).",
     )
+    approval_wait_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="How long a synchronous caller whose call needs approval is held for the "
+        "decision; after that it gets a 403 naming the approval id, and retries with header "
+        "`x-skillgate-approval: <id>` once approved.",
+    )
+    approval_decision_wait_seconds: float = Field(
+        2.0,
+        ge=0,
+        description="How long POST /v1/approvals/{id}/approve|deny waits for the policy service to "
+        "judge the decision, so the answer shows the resulting state.",
+    )
+    approvals_url: str = Field(
+        "http://127.0.0.1:8080",
+        validation_alias="SKILLGATE_POLICY_APPROVALS_URL",
+        description="Public base URL where approvers reach the approvals API (read from "
+        "SKILLGATE_POLICY_APPROVALS_URL, the variable the policy service uses for webhook links).",
+    )
+    stream_ping_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="Streamed calls: send a `ping` event when nothing was sent to the caller for this "
+        "long (keeps proxies and clients from timing out while the model thinks).",
+    )
     replies_group: str = Field(
         "skillgate-ingress-replies",
         description="Consumer group through which ingress replicas share the partitions of calls.replies.",

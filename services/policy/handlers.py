@@ -7,14 +7,16 @@ reaches the forwarder.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from datetime import UTC, datetime
 
 import orjson
 
 from skillgate import events
-from skillgate.events import ApprovalRequested, CallDecided, CallFailed, CallReply, CallSubmitted
-from skillgate.policy.bundle import ApprovalSpec, Bundle
-from skillgate.policy.engine import CallContext, RateCounter, Verdict, evaluate, prompt_text
+from skillgate.events import ApprovalResolved, CallDecided, CallFailed, CallReply, CallSubmitted
+from skillgate.policy.bundle import Bundle
+from skillgate.policy.engine import CallContext, RateCounter, Verdict, evaluate
 from skillgate.policy.masking import Masker
 
 log = logging.getLogger(__name__)
@@ -40,47 +42,16 @@ def decide(
     return evaluate(bundle, ctx, masker, counter)
 
 
-def approval_events(
-    submitted: CallSubmitted, bundle: Bundle, verdict: Verdict
-) -> tuple[ApprovalRequested, CallFailed, CallReply | None]:
-    """A call that needs a human's approval: the request event, and (until the approval workflow
-    exists) the call ends closed with a clear error, so it still has exactly one terminal state."""
-    call_id = submitted["call_id"]
-    approval_id = "apr_" + events.derived_event_id(call_id, "approval").replace("-", "")[:24]
-    spec = verdict.approval or ApprovalSpec()
-    record = verdict.record_body or verdict.body or b""
-    ident = submitted["identity"]
-    try:
-        excerpt = prompt_text(orjson.loads(record))[:500]
-    except (orjson.JSONDecodeError, TypeError):
-        excerpt = ""
-    summary = (
-        f"{ident['username'] or ident['subject']} ({', '.join(ident['groups']) or 'no groups'}) asks "
-        f"{submitted['model'] or 'a model'}; rules: {', '.join(verdict.rule_ids) or '-'}; {verdict.reason}"
+def granted(verdict: Verdict, grant: ApprovalResolved) -> Verdict:
+    """A call the approval rule would hold, allowed by the caller's time-window grant."""
+    until = datetime.fromtimestamp((grant["grant_until"] or 0) / 1e6, UTC).strftime("%H:%M:%S UTC")
+    return dataclasses.replace(
+        verdict,
+        decision="allow",
+        status=0,
+        reason=f"{verdict.reason}; allowed by time-window grant {grant['approval_id']} "
+        f"({grant['reason']}) until {until}",
     )
-    requested = ApprovalRequested(
-        **events.envelope(
-            call_id,
-            submitted["session_id"],
-            ident,
-            bundle.label,
-            event_id=events.derived_event_id(call_id, "approval-requested"),
-        ),
-        approval_id=approval_id,
-        rule_ids=verdict.rule_ids,
-        reason=verdict.reason,
-        summary=summary[:1000],
-        excerpt=excerpt,  # from the body as recorded: masked for the record
-        approver_groups=spec.groups,
-        quorum=spec.quorum,
-        expires_at=events.now_micros() + spec.timeout_seconds * 1_000_000,
-    )
-    message = (
-        f"this call needs a human's approval ({verdict.reason}; approval id {approval_id}), and this "
-        "skillgate version cannot grant approvals yet, so the call was not forwarded"
-    )
-    failed, reply = _ends_here(submitted, bundle.label, 403, "permission_error", message)
-    return requested, failed, reply
 
 
 def decided_event(submitted: CallSubmitted, bundle: Bundle, verdict: Verdict) -> CallDecided:

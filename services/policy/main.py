@@ -6,7 +6,7 @@ import asyncio
 
 import faust
 
-from services.policy.app import PolicyService
+from services.policy.app import PolicyService, own_topics
 from services.policy.config import PolicySettings
 from skillgate import topics
 from skillgate.config import CommonSettings, KafkaSettings
@@ -24,7 +24,7 @@ def run(policy: PolicySettings | None = None, kafka: KafkaSettings | None = None
     level = CommonSettings().log_level
     setup("policy", level)
     if kafka.create_topics:
-        asyncio.run(topics.ensure_topics(kafka))
+        asyncio.run(topics.ensure_topics(kafka, own_topics(policy, kafka)))
     if policy.metrics_port:
         serve(policy.metrics_port, policy.metrics_host)
     service = PolicyService(policy, kafka)

@@ -37,7 +37,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.recorder.config import RecorderSettings
+from services.recorder import audit_api, chain
+from services.recorder.config import RecorderSettings, RetentionSettings
 from services.recorder.store import AuditStore, SQLRejected, StoreError
 from skillgate import metrics
 from skillgate.config import RoleSettings
@@ -222,6 +223,7 @@ def create_app(
     settings: RecorderSettings,
     roles: RoleSettings | None = None,
     fingerprint_key: bytes | Callable[[], bytes] = load_fingerprint_key,
+    retention: RetentionSettings | None = None,
 ) -> FastAPI:
     """The read API over ``store``; tokens are checked by ``verifier``, roles by ``roles``.
 
@@ -417,4 +419,10 @@ def create_app(
         }
         return Response(content=dumps(doc), media_type=JSON)
 
+    def checkpoint_key() -> bytes:
+        return chain.checkpoint_key(settings, the_key())
+
+    audit_api.add_routes(
+        app, store, settings, retention or RetentionSettings(), require_auditor, checkpoint_key
+    )
     return app

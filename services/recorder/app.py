@@ -19,8 +19,9 @@ from collections.abc import Generator
 
 import uvicorn
 
+from services.recorder import chain
 from services.recorder.api import create_app
-from services.recorder.config import ClickHouseSettings, RecorderSettings
+from services.recorder.config import ClickHouseSettings, RecorderSettings, RetentionSettings
 from services.recorder.consumer import RecorderConsumer
 from services.recorder.store import AuditStore
 from skillgate import topics
@@ -72,6 +73,7 @@ async def serve(
     roles: RoleSettings | None = None,
     common: CommonSettings | None = None,
     stop: asyncio.Event | None = None,
+    retention: RetentionSettings | None = None,
 ) -> None:
     """Run the recorder until SIGTERM/SIGINT or until ``stop`` is set.
 
@@ -87,13 +89,16 @@ async def serve(
     stop = stop or asyncio.Event()
 
     fingerprint_key = await asyncio.to_thread(_fingerprint_key, common)
-    store = await asyncio.to_thread(AuditStore, clickhouse, common.data_dir)
+    retention = retention or RetentionSettings()
+    checkpoint_key = chain.checkpoint_key(settings, fingerprint_key)
+    store = await asyncio.to_thread(AuditStore, clickhouse, common.data_dir, checkpoint_key)
     verifier: TokenVerifier | None = None
     consumer: RecorderConsumer | None = None
     loop = asyncio.get_running_loop()
     handled: list[signal.Signals] = []
     try:
         applied = await asyncio.to_thread(store.migrate)
+        await asyncio.to_thread(store.apply_retention, retention)
         log.info(
             "audit store ready",
             extra={"store": store.display_url, "database": store.database, "migrated": applied},
@@ -105,7 +110,7 @@ async def serve(
         await consumer.start()
         server = _Server(
             uvicorn.Config(
-                create_app(store, verifier, settings, roles, fingerprint_key),
+                create_app(store, verifier, settings, roles, fingerprint_key, retention),
                 host=settings.host,
                 port=settings.port,
                 http="httptools",

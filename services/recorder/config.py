@@ -41,13 +41,22 @@ class ClickHouseSettings(BaseSettings):
         default=None, description="ClickHouse server password (ignored by chDB; never logged)."
     )
 
-    @field_validator("database")
+    cluster: str | None = Field(
+        default=None,
+        description="Name of a ClickHouse cluster (server only): the recorder then creates the "
+        "cluster variant of the schema (Replicated tables per shard behind Distributed tables, "
+        "`ON CLUSTER`; see deploy/clickhouse-cluster/README.md). Unset: one node.",
+    )
+
+    @field_validator("database", "cluster")
     @classmethod
-    def _plain_identifier(cls, value: str) -> str:
+    def _plain_identifier(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         # The name is spliced into DDL and into the SQL guard, so only a plain identifier is
         # accepted: nothing that needs quoting, nothing that could smuggle SQL in.
         if not _IDENTIFIER.match(value):
-            raise ValueError("database must be a plain identifier ([A-Za-z_][A-Za-z0-9_]*)")
+            raise ValueError("database and cluster must be plain identifiers ([A-Za-z_][A-Za-z0-9_]*)")
         return value
 
     @field_validator("url")
@@ -128,3 +137,52 @@ class RecorderSettings(BaseSettings):
         description="Memory limit of an analyst's SQL query (0: server default). With chDB the "
         "query runs inside the recorder, so a runaway query must not starve ingestion.",
     )
+    checkpoint_key: SecretStr | None = Field(
+        default=None,
+        description="HMAC key that signs the tamper-evidence checkpoints. Unset: derived from the "
+        "fingerprint key (SKILLGATE_FINGERPRINT_KEY or <data_dir>/fingerprint.key) with a fixed "
+        "label, so no second secret is needed. Never logged; keep it outside the audit store.",
+    )
+    search_max_limit: int = Field(
+        default=500, ge=1, description="Most calls one page of GET /v1/audit/calls returns."
+    )
+    export_max_rows: int = Field(
+        default=10_000_000,
+        ge=1,
+        description="Most calls one export returns (a guard against exporting the whole store by mistake).",
+    )
+
+
+class RetentionSettings(BaseSettings):
+    """How long the audit store keeps what (ClickHouse TTL, applied at every recorder start).
+
+    Bodies (masked requests and responses) usually carry the most sensitive content and the most
+    bytes, so they expire first; the metadata of a call (who, when, which model, what policy did)
+    stays longer for investigations and usage reports. Changing a value needs no migration: the
+    recorder issues ``ALTER TABLE ... MODIFY TTL`` at start-up (cheap, metadata only; rows expire
+    during background merges).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SKILLGATE_RETENTION_", extra="ignore")
+
+    bodies_days: int = Field(
+        default=90,
+        ge=1,
+        description="Days the masked request and response bodies are kept (call_records columns, "
+        "and call_parts, which folds them for the live `calls` view).",
+    )
+    metadata_days: int = Field(
+        default=400,
+        ge=1,
+        description="Days call metadata is kept: call_records rows and the raw events log.",
+    )
+    aggregates_days: int = Field(
+        default=800,
+        ge=1,
+        description="Days the daily usage and denial tables are kept (they hold no content).",
+    )
+
+    def model_post_init(self, context: object) -> None:
+        """Bodies cannot outlive the row that holds them."""
+        if self.bodies_days > self.metadata_days:
+            raise ValueError("SKILLGATE_RETENTION_BODIES_DAYS must not exceed METADATA_DAYS")

@@ -102,7 +102,7 @@ class RecorderConsumer:
         self._kafka = kafka
         self._settings = settings
         self._codec = codec or default_codec()
-        self._suffix = {topics.name(kafka, s): s for s in topics.EVENT_OF_TOPIC}
+        self._suffix = {topics.name(kafka, s): s for s in topics.EVENT_OF_TOPIC if s not in topics.UNRECORDED}
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._deadletterer: DeadLetterer | None = None

@@ -358,7 +358,12 @@ def call_part_row(record: SourceRecord) -> list[Any] | None:
         decision = str(event.get("decision") or "")
         identity: Mapping[str, Any] = event.get("identity") or {}
         approval_decisions = [f"{decision}:{identity.get('subject') or ''}"]
-        state = _state("approved" if decision == "approve" else "denied", 1, at, None)
+        # A decision is a vote, not the outcome (a quorum may need more; a late one is refused):
+        # only ApprovalResolved and the call's second CallDecided say how it ended.
+        state = _state("pending_approval", 1, at, None)
+    elif kind == ev.APPROVAL_RESOLVED:
+        outcome = str(event.get("outcome") or "")
+        state = _state("approved" if outcome == "approved" else outcome, 1, at, None)
     elif kind == ev.FORWARDER_CLAIM:
         terminal_state = event.get("terminal_state")
         if terminal_state in STATE_RANK:
@@ -416,6 +421,9 @@ def rows_for_batch(records: Iterable[SourceRecord]) -> BatchRows:
     out = BatchRows()
     seen: set[str] = set()
     for record in records:
+        if record.event_type == ev.CALL_REPLY and record.event.get("kind") == "chunk":
+            # Pieces of a streamed answer: the assembled message is the record (CallCompleted).
+            continue
         try:
             row = event_row(record)
             part = call_part_row(record)

@@ -16,7 +16,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,8 +29,9 @@ import orjson
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from services.recorder import handlers
-from services.recorder.config import ClickHouseSettings
+from services.recorder import chain, handlers, records
+from services.recorder.config import ClickHouseSettings, RetentionSettings
+from services.recorder.search import EXPORT_FORMATS, SEARCH_COLUMNS, CallSearch, encode_cursor
 
 log = logging.getLogger(__name__)
 
@@ -300,8 +301,15 @@ class _Guarded:
 class AuditStore:
     """Reads and writes the audit tables; every method is blocking and thread-safe."""
 
-    def __init__(self, settings: ClickHouseSettings, data_dir: Path = Path("data")) -> None:
+    def __init__(
+        self,
+        settings: ClickHouseSettings,
+        data_dir: Path = Path("data"),
+        checkpoint_key: bytes | None = None,
+    ) -> None:
         self.settings = settings
+        #: HMAC key of the tamper-evidence checkpoints; None: batches are not sealed.
+        self._checkpoint_key = checkpoint_key
         self.database = settings.database
         self._url = settings.resolved_url(data_dir)
         self.display_url = settings.display_url(data_dir)
@@ -313,7 +321,7 @@ class AuditStore:
             opened.append(self._connect(None))
             # Readers are bound to the audit database (unqualified names resolve there), which
             # must therefore exist before they connect.
-            opened[0].command(f"CREATE DATABASE IF NOT EXISTS {self.database}")
+            opened[0].command(f"CREATE DATABASE IF NOT EXISTS {self.database}{self._on_cluster}")
             opened.append(self._connect(self.database))
             opened.append(self._connect(self.database))
         except BaseException:
@@ -325,9 +333,17 @@ class AuditStore:
         self._other_dbs: frozenset[str] = BASE_OTHER_DATABASES
         self._other_dbs_at = 0.0
 
+    @property
+    def _on_cluster(self) -> str:
+        """`` ON CLUSTER '<name>'`` when the store is a cluster, else ''."""
+        return f" ON CLUSTER '{self.settings.cluster}'" if self.settings.cluster else ""
+
     def _connect(self, database: str | None) -> Client:
         if self.settings.is_chdb:
             return clickhouse_connect.get_client(dsn=self._url, database=database)
+        # On a cluster, inserts through Distributed tables must be on the shards when the insert
+        # returns: call_records is built from call_parts right after, and offsets are committed.
+        extra: dict[str, Any] = {"distributed_foreground_insert": 1} if self.settings.cluster else {}
         password = self.settings.password.get_secret_value() if self.settings.password else ""
         return clickhouse_connect.get_client(
             dsn=self._url,
@@ -336,6 +352,7 @@ class AuditStore:
             database=database or "",
             # No HTTP session: a session id would make concurrent statements conflict.
             autogenerate_session_id=False,
+            settings=extra,
         )
 
     @contextmanager
@@ -377,12 +394,16 @@ class AuditStore:
         db = self.database
         applied_now: list[int] = []
         with self._use(self._writer) as client:
+            engine = "ReplacingMergeTree(applied_at)"
+            if self.settings.cluster:
+                # One copy on every node (no {shard} in the path): any recorder sees what is applied.
+                engine = f"ReplicatedReplacingMergeTree('/clickhouse/tables/{db}/schema_migrations', '{{replica}}', applied_at)"
             client.command(
-                f"CREATE TABLE IF NOT EXISTS {db}.schema_migrations ("
+                f"CREATE TABLE IF NOT EXISTS {db}.schema_migrations{self._on_cluster} ("
                 "version UInt32, name String, checksum String, "
-                "applied_at DateTime64(6, 'UTC') DEFAULT now64(6)"
-                ") ENGINE = ReplacingMergeTree(applied_at) ORDER BY version"
+                f"applied_at DateTime64(6, 'UTC') DEFAULT now64(6)) ENGINE = {engine} ORDER BY version"
             )
+            statements_of = self._statements_function(todo)
             # Names spliced into SQL here and below are the validated database identifier.
             rows = client.query(
                 f"SELECT version, argMax(checksum, applied_at) FROM {db}.schema_migrations "  # noqa: S608
@@ -398,7 +419,7 @@ class AuditStore:
                             "add a new migration instead of editing an applied one"
                         )
                     continue
-                for statement in migration.statements(db):
+                for statement in statements_of(migration):
                     client.command(statement)
                 client.insert(
                     f"{db}.schema_migrations",
@@ -415,6 +436,18 @@ class AuditStore:
         self._denied_functions = BASE_DENIED_FUNCTIONS | {str(n) for (n,) in names}
         return applied_now
 
+    def _statements_function(self, migrations: Sequence[Migration]) -> Callable[[Migration], list[str]]:
+        """How a migration's statements are run: as written, or in their cluster form."""
+        db, cluster_name = self.database, self.settings.cluster
+        if not cluster_name:
+            return lambda m: m.statements(db)
+        from services.recorder import cluster  # the cluster form is built from this module's Migration
+
+        tables = cluster.local_tables(s for m in load_migrations() for s in m.statements(db))
+        return lambda m: [
+            out for s in m.statements(db) for out in cluster.cluster_statement(s, db, cluster_name, tables)
+        ]
+
     # -- writes -------------------------------------------------------------------------------
 
     def insert_batch(self, records: Sequence[handlers.SourceRecord]) -> InsertStats:
@@ -424,7 +457,9 @@ class AuditStore:
         ``events`` rows whose event id is already stored are skipped, and the table is a
         ReplacingMergeTree on the event id for the rare race this check cannot see (two
         replicas during a rebalance). Parts go first: if the process dies between the two
-        inserts, the redelivered batch still completes both.
+        inserts, the redelivered batch still completes both. Then the wide ``call_records``
+        rows of the calls the batch touched are rewritten from the folded state, and the
+        stored rows are sealed into the tamper-evidence chain (when a checkpoint key is set).
         """
         rows = handlers.rows_for_batch(records)
         stats = InsertStats(rejected=rows.rejected)
@@ -433,12 +468,30 @@ class AuditStore:
         db = self.database
         with self._use(self._writer) as client:
             if rows.call_parts:
-                client.insert(f"{db}.call_parts", rows.call_parts, column_names=handlers.CALL_PART_COLUMNS)
+                _insert_rows(client, f"{db}.call_parts", rows.call_parts, handlers.CALL_PART_COLUMNS)
                 stats.call_parts = len(rows.call_parts)
-            known = self._stored_event_ids(client, rows.event_keys)
+            known = self._stored_events(client, rows.event_keys)
             fresh = [row for row in rows.events if row[0] not in known]
             if fresh:
-                client.insert(f"{db}.events", fresh, column_names=handlers.EVENT_COLUMNS)
+                _insert_rows(client, f"{db}.events", fresh, handlers.EVENT_COLUMNS)
+            if rows.call_parts:
+                # A forwarder claim without a terminal state changes nothing an investigator
+                # reads: its calls are not rewritten for it alone.
+                relevant = {
+                    str(r.event.get("call_id") or "")
+                    for r in records
+                    if r.event_type != "ForwarderClaim" or r.event.get("terminal_state")
+                }
+                touched = sorted({str(part[0]) for part in rows.call_parts} & relevant)
+                if touched:
+                    self._write_call_records(client, touched)
+            if self._checkpoint_key is not None:
+                # Rows stored now, and rows a crashed attempt stored from these very messages.
+                stored = [
+                    row for row in rows.events
+                    if row[0] not in known or known[row[0]] == (row[1], row[14], row[15])
+                ]  # fmt: skip
+                self._seal(client, stored)
         stats.events = len(fresh)
         stats.duplicates = len(rows.events) - len(fresh)
         for row, topic in zip(rows.events, rows.topics, strict=True):
@@ -446,18 +499,109 @@ class AuditStore:
                 stats.per_topic[topic] = stats.per_topic.get(topic, 0) + 1
         return stats
 
-    def _stored_event_ids(self, client: Client, keys: Sequence[tuple[str, str]]) -> set[str]:
+    def _stored_events(
+        self, client: Client, keys: Sequence[tuple[str, str]]
+    ) -> dict[str, tuple[str, int, int]]:
+        """Event ids of ``keys`` already stored, with the (topic, partition, offset) they were read at."""
         # The batch's call ids travel as one JSON string parameter (binding thousands of array
         # elements costs more than the query), and the filter on call_id reads only the
         # granules of those calls through the primary key (call_id, event_id).
         calls = orjson.dumps(sorted({c for c, _ in keys})).decode()
         result = client.query(
-            f"SELECT event_id FROM {self.database}.events "  # noqa: S608
+            f"SELECT event_id, topic, kafka_partition, kafka_offset FROM {self.database}.events "  # noqa: S608
             "WHERE call_id IN (SELECT arrayJoin(JSONExtract({calls:String}, 'Array(String)')))",
             parameters={"calls": calls},
         )
         wanted = {e for _, e in keys}
-        return {str(r[0]) for r in result.result_rows} & wanted
+        return {
+            str(r[0]): (str(r[1]), int(r[2]), int(r[3])) for r in result.result_rows if str(r[0]) in wanted
+        }
+
+    def _write_call_records(self, client: Client, call_ids: Sequence[str]) -> None:
+        """Rewrite the ``call_records`` rows of ``call_ids`` from the folded ``calls`` view.
+
+        A small read of each call's state, session and conversation hashes (Python resolves
+        sessions, which may chain through calls of this very batch), and of the state each call
+        had in ``call_records`` so far; then one ``INSERT ... SELECT`` that builds the wide rows
+        inside ClickHouse, so the bodies never travel to Python and back. The version that
+        first shows a call in a terminal state is marked ``counted``: the usage views count each
+        call exactly once, whatever was redelivered or re-emitted.
+        """
+        db = self.database
+        ids = orjson.dumps(list(call_ids)).decode()
+        result = client.query(records.hashes_query(db), parameters={"ids": ids})
+        calls = [dict(zip(result.column_names, row, strict=True)) for row in result.result_rows]
+        if not calls:
+            return
+        hashes = [records.Hashes(str(c["conversation_hash"]), str(c["parent_hash"])) for c in calls]
+        parents = sorted({h.parent_hash for h in hashes if h.parent_hash})
+        known: dict[str, str] = {}
+        if parents:
+            found = client.query(
+                f"SELECT conversation_hash, argMin(session_id, time) FROM {db}.call_records "  # noqa: S608
+                "WHERE conversation_hash IN (SELECT arrayJoin(JSONExtract({h:String}, 'Array(String)'))) "
+                "GROUP BY conversation_hash",
+                parameters={"h": orjson.dumps(parents).decode()},
+            )
+            known = {str(h): str(s) for h, s in found.result_rows}
+        sessions = records.resolve_sessions(calls, hashes, known)
+        earliest = min(records.call_time_ms(str(c["call_id"]), c.get("at_us")) for c in calls)
+        before = client.query(
+            f"SELECT call_id, argMax(state, version) FROM {db}.call_records "  # noqa: S608
+            "WHERE time >= fromUnixTimestamp64Milli({t:Int64}, 'UTC') "
+            "AND call_id IN (SELECT arrayJoin(JSONExtract({ids:String}, 'Array(String)'))) GROUP BY call_id",
+            parameters={"t": earliest, "ids": ids},
+        )
+        ended = {str(c) for c, state in before.result_rows if state in records.TERMINAL_STATES}
+        counted = {
+            str(c["call_id"])
+            for c in calls
+            if c["state"] in records.TERMINAL_STATES and str(c["call_id"]) not in ended
+        }
+        mapping = [
+            [
+                str(c["call_id"]),
+                session,
+                source,
+                1 if str(c["call_id"]) in counted else 0,
+                records.call_time_ms(str(c["call_id"]), c.get("at_us")),
+            ]
+            for c, (session, source) in zip(calls, sessions, strict=True)
+        ]
+        client.command(
+            records.insert_query(db),
+            parameters={"m": orjson.dumps(mapping).decode(), "ids": ids, "version": time.time_ns() // 1000},
+        )
+
+    def _seal(self, client: Client, rows: Sequence[Sequence[Any]]) -> None:
+        """Write signed checkpoints covering ``rows`` (stored ``events`` rows)."""
+        if not rows or self._checkpoint_key is None:
+            return
+        topics = sorted({str(r[1]) for r in rows})
+        result = client.query(
+            f"SELECT topic, partition, argMax(chain, last_offset), max(last_offset) "  # noqa: S608
+            f"FROM {self.database}.audit_checkpoints "
+            "WHERE topic IN (SELECT arrayJoin(JSONExtract({t:String}, 'Array(String)'))) "
+            "GROUP BY topic, partition",
+            parameters={"t": orjson.dumps(topics).decode()},
+        )
+        heads = {(str(t), int(p)): (str(c), int(o)) for t, p, c, o in result.result_rows}
+        sealed = chain.seal(rows, heads, self._checkpoint_key)
+        if not sealed:
+            return
+        now = time.time_ns() // 1000
+        client.insert(
+            f"{self.database}.audit_checkpoints",
+            [cp.row(now) for cp in sealed],
+            column_names=chain.CHECKPOINT_COLUMNS,
+        )
+        for cp in sealed:
+            # The external anchor: a copy of every signed head outside the store.
+            log.info(
+                "audit checkpoint",
+                extra={"topic": cp.topic, "partition": cp.partition, "last_offset": cp.last_offset,
+                       "rows": len(cp.offsets), "chain": cp.chain, "signature": cp.signature},
+            )  # fmt: skip
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -599,6 +743,182 @@ class AuditStore:
         elapsed = (time.perf_counter() - started) * 1000
         truncated = len(rows) > max_rows
         return QueryResult(columns, types, rows[:max_rows], round(elapsed, 3), truncated)
+
+    # -- retention ----------------------------------------------------------------------------
+
+    def apply_retention(self, retention: RetentionSettings) -> list[str]:
+        """Set every table's TTL from ``retention``; returns the statements run.
+
+        Run at each start, so a changed setting takes effect without a migration. With
+        ``materialize_ttl_after_modify=0`` the ALTERs only change metadata (cheap on a big
+        store); expired rows and bodies go during background merges.
+        """
+        db = self.database
+        meta, bodies, aggs = retention.metadata_days, retention.bodies_days, retention.aggregates_days
+        # On a cluster the TTLs belong to the shards' local tables.
+        sfx, on = ("_local", self._on_cluster) if self.settings.cluster else ("", "")
+
+        def alter(table: str, change: str) -> str:
+            return f"ALTER TABLE {db}.{table}{sfx}{on} {change}"
+
+        statements = [
+            alter("call_records", f"MODIFY TTL toDateTime(time) + INTERVAL {meta} DAY"),
+            *(
+                alter("call_records", f"MODIFY COLUMN {column} TTL toDateTime(time) + INTERVAL {bodies} DAY")
+                for column in ("request_body", "response_body")
+            ),
+            alter("events", f"MODIFY TTL toDateTime(time) + INTERVAL {meta} DAY"),
+            alter("call_parts", f"MODIFY TTL toDateTime(first_event_at) + INTERVAL {bodies} DAY"),
+            # Checkpoints outlive the rows they seal by a day, so verify can tell expiry from deletion.
+            alter("audit_checkpoints", f"MODIFY TTL toDateTime(created_at) + INTERVAL {meta + 1} DAY"),
+            *(
+                alter(table, f"MODIFY TTL day + INTERVAL {aggs} DAY")
+                for table in ("usage_daily", "usage_group_daily", "usage_skill_daily", "denials_daily")
+            ),
+        ]
+        with self._use(self._writer) as client:
+            for statement in statements:
+                client.command(statement, settings={"materialize_ttl_after_modify": 0})
+        log.info(
+            "retention applied",
+            extra={"bodies_days": bodies, "metadata_days": meta, "aggregates_days": aggs},
+        )
+        return statements
+
+    # -- investigator reads -------------------------------------------------------------------
+
+    def _read(self, sql: str, parameters: Mapping[str, Any], max_seconds: float = 30.0) -> Any:
+        with self._use(self._analyst) as client:
+            try:
+                return client.query(
+                    sql,
+                    parameters=dict(parameters),
+                    settings={"readonly": 1, "max_execution_time": max_seconds},
+                )
+            except ClickHouseError as exc:
+                raise StoreError(_clean_error(str(exc))) from exc
+
+    def search_calls(self, search: CallSearch) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of calls matching ``search``, newest first, and the next page's cursor.
+
+        Keyset pagination on (time, call_id): every page is a primary-key range read however
+        deep it is, so there is no depth cap (unlike OFFSET paging). Keywords use the ``text``
+        indexes on the lower-cased bodies: every token must occur in the request or in the
+        response.
+        """
+        where, params = search.conditions()
+        sql = (
+            f"SELECT {SEARCH_COLUMNS}, toUnixTimestamp64Milli(time) AS time_ms "  # noqa: S608
+            f"FROM {self.database}.call_records FINAL WHERE {' AND '.join(where) or '1'} "
+            "ORDER BY time DESC, call_id DESC LIMIT {limit:UInt32}"
+        )
+        params["limit"] = search.limit + 1
+        result = self._read(sql, params)
+        rows = [
+            {name: _aware(v) for name, v in zip(result.column_names, row, strict=True)}
+            for row in result.result_rows
+        ]
+        cursor = None
+        if len(rows) > search.limit:
+            rows = rows[: search.limit]
+            cursor = encode_cursor(int(rows[-1]["time_ms"]), str(rows[-1]["call_id"]))
+        for row in rows:
+            row.pop("time_ms", None)
+        return rows, cursor
+
+    def call_record(self, call_id: str) -> dict[str, Any] | None:
+        """The newest ``call_records`` row of one call (bodies included), or None."""
+        result = self._read(
+            f"SELECT * FROM {self.database}.call_records FINAL WHERE call_id = {{id:String}}",  # noqa: S608
+            {"id": call_id},
+        )
+        if not result.result_rows:
+            return None
+        return {n: _aware(v) for n, v in zip(result.column_names, result.result_rows[0], strict=True)}
+
+    def session_timeline(self, session_id: str, max_calls: int = 1000) -> dict[str, Any] | None:
+        """The ordered timeline of a session: its calls and every event about them, or None.
+
+        Calls come from ``call_records`` (the resolved session, bloom-filtered), the events from
+        ``events`` through its primary key (call_id). Replies and forwarder bookkeeping are left
+        out: they repeat what the terminal events say.
+        """
+        db = self.database
+        calls = self._read(
+            f"SELECT * FROM {db}.call_records FINAL WHERE session_id = {{s:String}} "  # noqa: S608
+            "ORDER BY time, call_id LIMIT {n:UInt32}",
+            {"s": session_id, "n": max_calls},
+        )
+        if not calls.result_rows:
+            return None
+        call_rows = [
+            {n: _aware(v) for n, v in zip(calls.column_names, row, strict=True)} for row in calls.result_rows
+        ]
+        ids = orjson.dumps([c["call_id"] for c in call_rows]).decode()
+        events = self._read(
+            f"SELECT event_id, event_type, topic, call_id, time, subject, username, payload "  # noqa: S608
+            f"FROM {db}.events WHERE call_id IN (SELECT arrayJoin(JSONExtract({{ids:String}}, 'Array(String)'))) "
+            "AND event_type NOT IN ('CallReply', 'ForwarderClaim') "
+            "ORDER BY time, event_id LIMIT 1 BY event_id",
+            {"ids": ids},
+        )
+        event_rows = [
+            {n: _aware(v) for n, v in zip(events.column_names, row, strict=True)}
+            for row in events.result_rows
+        ]
+        return {"session_id": session_id, "calls": call_rows, "events": event_rows}
+
+    def export(self, search: CallSearch, fmt: str, max_rows: int) -> bytes:
+        """Matching calls (bodies included), oldest first, as JSONEachRow or Parquet bytes.
+
+        ClickHouse writes the format itself, so Parquet needs no Python dependency.
+        """
+        if fmt not in EXPORT_FORMATS:
+            raise ValueError(f"format must be one of {sorted(EXPORT_FORMATS)}")
+        where, params = search.conditions()
+        params["limit"] = max_rows
+        sql = (
+            f"SELECT * EXCEPT (version, counted) FROM {self.database}.call_records FINAL "  # noqa: S608
+            f"WHERE {' AND '.join(where) or '1'} ORDER BY time, call_id LIMIT {{limit:UInt64}} "
+            # In the statement, not as client settings: chDB's client applies those with SET,
+            # which would leave this connection read-only for good.
+            "SETTINGS readonly = 1, max_execution_time = 600"
+        )
+        with self._use(self._analyst) as client:
+            try:
+                return bytes(client.raw_query(sql, parameters=params, fmt=EXPORT_FORMATS[fmt]))
+            except ClickHouseError as exc:
+                raise StoreError(_clean_error(str(exc))) from exc
+
+    def verify_chain(self, key: bytes, metadata_days: int, grace_seconds: float = 60.0) -> chain.VerifyReport:
+        """Recompute the tamper-evidence chain over every stored event (see :mod:`.chain`)."""
+        db = self.database
+        cps = self._read(
+            f"SELECT topic, partition, offsets, event_ids, digests, prev_chain, chain, key_id, signature, "  # noqa: S608
+            f"toUnixTimestamp64Micro(created_at) FROM {db}.audit_checkpoints FINAL",
+            {},
+            max_seconds=600,
+        )
+        checkpoints = [
+            chain.Checkpoint(str(t), int(p), tuple(o), tuple(e), tuple(d), str(pc), str(c), str(k), str(sig))
+            for t, p, o, e, d, pc, c, k, sig, _ in cps.result_rows
+        ]
+        created = [int(r[9]) for r in cps.result_rows]
+        result = self._read(
+            f"SELECT {chain.DIGEST_SELECT}, toUnixTimestamp64Micro(inserted_at) "  # noqa: S608
+            f"FROM {db}.events",
+            {},
+            max_seconds=600,
+        )
+        now = time.time_ns() // 1000
+        return chain.verify(
+            checkpoints,
+            created,
+            ((row[:-1], int(row[-1])) for row in result.result_rows),
+            key,
+            recent_before_us=now - int(grace_seconds * 1e6),
+            expired_before_us=now - (metadata_days - 1) * 86_400_000_000,
+        )
 
 
 def _insert_rows(client: Client, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:

@@ -18,6 +18,15 @@ passes them through untouched):
     In a stream, send an ``error`` event (``overloaded_error``) after that many content deltas.
 ``x-stub-chunk-delay-ms``
     Milliseconds between two content deltas of this stream (overrides ``stream_chunk_delay_ms``).
+``x-stub-reply-text``
+    Answer with exactly this text instead of the echo.
+``x-stub-first-delta-delay-ms``
+    Milliseconds of silence after the first block starts, before its first delta (a model
+    thinking; what keep-alive pings are for).
+
+A streamed request's record in ``/_stub/requests`` gets ``stream_outcome``: ``completed``,
+``error`` (cut short by ``x-stub-stream-error-after``) or ``disconnected`` (the client went away
+mid-stream), so tests can see that a gateway cancelled its upstream request.
 
 ``STUB_THINKING`` in the last user message puts a ``thinking`` block first.
 
@@ -138,6 +147,7 @@ class StubUpstream:
         raw = await request.body()
         request_id = new_request_id()
         record = self._record(request, raw, request_id)
+        request.state.stub_record = record  # read by a stream, to note how it ended
         try:
             extra_ms = header_milliseconds(request.headers, "x-stub-latency-ms") or 0.0
             delay_ms = self.settings.latency_ms + extra_ms
@@ -164,8 +174,15 @@ class StubUpstream:
             delay_ms = header_milliseconds(headers, "x-stub-chunk-delay-ms")
             if delay_ms is None:
                 delay_ms = self.settings.stream_chunk_delay_ms
+            first_delay_ms = header_milliseconds(headers, "x-stub-first-delta-delay-ms") or 0.0
             return StreamingResponse(
-                self._sse(reply, error_after, delay_ms / 1000),
+                self._sse(
+                    reply,
+                    error_after,
+                    delay_ms / 1000,
+                    first_delay_ms / 1000,
+                    getattr(request.state, "stub_record", None),
+                ),
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache"},
             )
@@ -178,18 +195,35 @@ class StubUpstream:
         validate_count_tokens_body(body)
         return _json({"input_tokens": estimate_tokens(request_text_length(body))})
 
-    async def _sse(self, reply: Reply, error_after: int | None, delay_s: float) -> AsyncIterator[bytes]:
-        """Send the reply's events, pausing between content deltas, cut short on request."""
+    async def _sse(
+        self,
+        reply: Reply,
+        error_after: int | None,
+        delay_s: float,
+        first_delay_s: float,
+        record: JSONObject | None,
+    ) -> AsyncIterator[bytes]:
+        """Send the reply's events, pausing between content deltas, cut short on request; note
+        in ``record`` how the stream ended (a client that disconnects cancels this generator)."""
         deltas = 0
-        for event, data in stream_events(reply, self.settings.stream_chunk_chars):
-            if event == "content_block_delta":
-                if error_after is not None and deltas >= error_after:
-                    yield sse_frame("error", stream_error_event())
-                    return
-                if delay_s > 0 and deltas > 0:
-                    await asyncio.sleep(delay_s)
-                deltas += 1
-            yield sse_frame(event, data)
+        outcome = "disconnected"
+        try:
+            for event, data in stream_events(reply, self.settings.stream_chunk_chars):
+                if event == "content_block_delta":
+                    if error_after is not None and deltas >= error_after:
+                        yield sse_frame("error", stream_error_event())
+                        outcome = "error"
+                        return
+                    if deltas == 0 and first_delay_s > 0:
+                        await asyncio.sleep(first_delay_s)
+                    if delay_s > 0 and deltas > 0:
+                        await asyncio.sleep(delay_s)
+                    deltas += 1
+                yield sse_frame(event, data)
+            outcome = "completed"
+        finally:
+            if record is not None:
+                record["stream_outcome"] = outcome
 
     def _authenticate(self, headers: Mapping[str, str]) -> None:
         """Require a key: ``x-api-key``, or ``Authorization: Bearer <key>``.

@@ -446,7 +446,9 @@ def _wants_thinking(body: JSONObject, text: str) -> bool:
 def plan_reply(body: JSONObject, headers: Mapping[str, str]) -> Reply:
     """Decide the answer to a validated Messages request.
 
-    Echo mode answers ``"echo: <last user text>"`` with ``stop_reason: "end_turn"``. A tool call
+    Echo mode answers ``"echo: <last user text>"`` (or exactly the ``x-stub-reply-text`` header,
+    to make the "model" say something the request did not contain, such as a leaked key) with
+    ``stop_reason: "end_turn"``. A tool call
     (``x-stub-tool-use`` header, or a ``STUB_TOOL_USE <name> <json>`` line in the last user
     text) answers a short text block plus a ``tool_use`` block, ``stop_reason: "tool_use"``.
     ``STUB_THINKING`` in the text (or ``thinking`` enabled in the request) puts a ``thinking``
@@ -462,8 +464,9 @@ def plan_reply(body: JSONObject, headers: Mapping[str, str]) -> Reply:
             )
         )
     tool = _tool_request(text, headers)
+    reply_text = headers.get("x-stub-reply-text")
     if tool is None:
-        parts.append(TextPart(f"echo: {text}"))
+        parts.append(TextPart(f"echo: {text}" if reply_text is None else reply_text))
         stop_reason = "end_turn"
     else:
         name, tool_input = tool

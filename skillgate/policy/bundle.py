@@ -133,9 +133,21 @@ class RateLimitSpec(_Strict):
 class ApprovalSpec(_Strict):
     """Who approves, how many approvals, how long the call waits."""
 
-    groups: list[str] = Field(default_factory=lambda: ["approvers"])
-    quorum: int = Field(1, ge=1)
-    timeout_seconds: int = Field(900, ge=1)
+    groups: list[str] = Field(
+        default_factory=lambda: ["approvers"],
+        min_length=1,
+        description="Groups whose members may decide (the request is routed to them).",
+    )
+    quorum: int = Field(1, ge=1, description="Approvals by distinct people needed.")
+    each_group: bool = Field(
+        False, description="Also need one approval from each of `groups` (by distinct people)."
+    )
+    timeout_seconds: int = Field(900, ge=1, description="How long the call waits before it expires.")
+    max_window_seconds: int = Field(
+        3600,
+        ge=0,
+        description="Longest time-window grant an approver may give (0: one-time grants only).",
+    )
 
 
 class Rule(_Strict):
@@ -170,8 +182,14 @@ class ToolRule(_Strict):
     description: str = ""
     tools: list[str] = Field(default_factory=list, description="Tool names (globs); empty: every tool.")
     patterns: list[str] = Field(description="RE2 patterns searched in the tool input's text.")
-    action: Literal["block_response", "block_tool"] = "block_tool"
+    action: Literal["block_response", "block_tool", "require_approval"] = Field(
+        "block_tool",
+        description="`block_tool`: replace the block by an explanation; `block_response`: withhold "
+        "the whole answer; `require_approval`: block it and ask `approval.groups` — once approved, "
+        "the requester may run that command (one-time) or the rule's commands (time window).",
+    )
     reason: str = "the tool command matches a guardrail"
+    approval: ApprovalSpec | None = Field(None, description="Who approves, for `require_approval`.")
 
 
 class BundleDoc(_Strict):

@@ -1092,6 +1092,14 @@ class DetectorSet:
             chosen &= set(types)
         return frozenset(chosen)
 
+    def patterns(self) -> dict[str, list[str]]:
+        """The RE2 pattern(s) of each type of this set (read-only; streaming sizes its hold-back
+        window from them, see :mod:`skillgate.policy.streaming`)."""
+        out: dict[str, list[str]] = {}
+        for compiled in self._compiled:
+            out.setdefault(compiled.spec.type, []).append(compiled.spec.pattern)
+        return out
+
     def scan(
         self,
         text: str,

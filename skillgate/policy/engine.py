@@ -23,9 +23,14 @@ from skillgate.policy.masking import Masker
 
 
 class RateCounter(Protocol):
-    """Counts usage per key in fixed windows (the policy service backs it with faust tables)."""
+    """Counts usage per key in fixed windows.
 
-    def add(self, key: str, window_seconds: int, amount: int) -> int:
+    The policy service counts in faust tables, in two passes: :class:`DeferredCounter` collects
+    what a call is charged, the counters' partitions add it up, and :class:`ReplayCounter` gives
+    the totals back to a second evaluation.
+    """
+
+    def add(self, key: str, window_seconds: int, amount: int, limit: int) -> int:
         """Add ``amount`` to ``key``'s current window and return the window's new total."""
         ...
 
@@ -37,11 +42,45 @@ class MemoryRateCounter:
         self._clock = clock
         self._counts: dict[tuple[str, int], int] = {}
 
-    def add(self, key: str, window_seconds: int, amount: int) -> int:
+    def add(self, key: str, window_seconds: int, amount: int, limit: int) -> int:
         """See :class:`RateCounter`."""
         slot = (key, int(self._clock() // window_seconds))
         self._counts[slot] = self._counts.get(slot, 0) + amount
         return self._counts[slot]
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One counter a call is charged to."""
+
+    key: str
+    window_seconds: int
+    amount: int
+    limit: int
+
+
+class DeferredCounter:
+    """First pass: records every charge and answers that nothing is over its limit yet."""
+
+    def __init__(self) -> None:
+        self.charges: list[Charge] = []
+
+    def add(self, key: str, window_seconds: int, amount: int, limit: int) -> int:
+        """See :class:`RateCounter`."""
+        self.charges.append(Charge(key, window_seconds, amount, limit))
+        return 0
+
+
+class ReplayCounter:
+    """Second pass: the window totals the counters reached, by key. A key not charged (the
+    charging stopped at an earlier counter over its limit) counts as 0."""
+
+    def __init__(self, charges: list[Charge], totals: list[int]) -> None:
+        self._totals = {c.key: total for c, total in zip(charges, totals, strict=False)}
+
+    def add(self, key: str, window_seconds: int, amount: int, limit: int) -> int:
+        """See :class:`RateCounter`."""
+        return self._totals.get(key, 0)
 
 
 @dataclass
@@ -73,6 +112,7 @@ class Verdict:
     response_mask_upstream: list[str] = field(default_factory=list)
     response_mask_record: list[str] = field(default_factory=list)
     approval: ApprovalSpec | None = None
+    approval_rule: str | None = None
     fail_open: bool = False
 
 
@@ -105,6 +145,22 @@ def estimate_tokens(text: str) -> int:
     return len(text) // 4
 
 
+def skills_of(request: Mapping[str, Any]) -> list[str]:
+    """Claude Skill ids the request loads (``container.skills[].skill_id``)."""
+    container = request.get("container")
+    skills = container.get("skills") if isinstance(container, dict) else None
+    return [str(s.get("skill_id", "")) for s in skills or [] if isinstance(s, dict)]
+
+
+def tools_of(request: Mapping[str, Any]) -> list[str]:
+    """Names and types of the tools the request offers (both, so rules may match either)."""
+    out = []
+    for t in request.get("tools") or []:
+        if isinstance(t, dict):
+            out += [str(t.get("name", "")), str(t.get("type", ""))]
+    return out
+
+
 def _any_glob(values: Iterable[str], globs: list[str]) -> bool:
     vals = [v for v in values if v]
     return any(fnmatch.fnmatchcase(v, g) for v in vals for g in globs)
@@ -132,17 +188,10 @@ class _Facts:
         return self._entities
 
     def skills(self) -> list[str]:
-        container = self.ctx.request.get("container")
-        skills = container.get("skills") if isinstance(container, dict) else None
-        return [str(s.get("skill_id", "")) for s in skills or [] if isinstance(s, dict)]
+        return skills_of(self.ctx.request)
 
     def tools(self) -> list[str]:
-        tools = self.ctx.request.get("tools") or []
-        out = []
-        for t in tools:
-            if isinstance(t, dict):
-                out += [str(t.get("name", "")), str(t.get("type", ""))]
-        return out
+        return tools_of(self.ctx.request)
 
     def betas(self) -> list[str]:
         raw = self.ctx.headers.get("anthropic-beta", "")
@@ -286,12 +335,12 @@ def evaluate(
             over = []
             if (
                 spec.requests is not None
-                and counter.add(key + "|req", spec.window_seconds, 1) > spec.requests
+                and counter.add(key + "|req", spec.window_seconds, 1, spec.requests) > spec.requests
             ):
                 over.append(f"{spec.requests} requests")
             if spec.tokens is not None:
                 tokens = estimate_tokens(facts.text)
-                if counter.add(key + "|tok", spec.window_seconds, tokens) > spec.tokens:
+                if counter.add(key + "|tok", spec.window_seconds, tokens, spec.tokens) > spec.tokens:
                     over.append(f"{spec.tokens} estimated input tokens")
             if over:
                 return Verdict(
@@ -346,6 +395,7 @@ def evaluate(
             body=forward,
             record_body=record,
             approval=terminal.rule.approval or ApprovalSpec(),
+            approval_rule=terminal.rule.id,
             **common,
         )
     return Verdict(decision="allow", reason=full_reason, body=forward, record_body=record, **common)

@@ -22,8 +22,10 @@ Bodies are never mutated: masking returns a new top-level dict; containers on th
 masked string are copied, everything else is shared with the input (read-only by convention).
 Masked locations are ``system`` (string or text blocks), message ``content`` (string), ``text``
 blocks, every string leaf of ``tool_use`` / ``server_tool_use`` ``input``, and ``tool_result``
-``content`` (string or text blocks). Everything else (images, documents, thinking blocks whose
-signatures must stay valid, tool definitions, metadata) passes through untouched.
+``content`` (string or text blocks); ``thinking`` blocks in the record layer only (the API signs
+them: a changed thinking block sent back in a later turn is refused, and the model wrote it, so
+it is no leak to the model; the caller gets it as the model wrote it). Everything else (images,
+documents, tool definitions, metadata) passes through untouched.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -134,9 +136,17 @@ class Masker:
         mac.update(value.encode("utf-8"))
         return mac.hexdigest()
 
-    def session(self) -> MaskingSession:
-        """Fresh per-call state: placeholders are consistent across everything masked with it."""
-        return MaskingSession(self)
+    def session(self, seed: Iterable[MaskedValue] = ()) -> MaskingSession:
+        """Fresh per-call state: placeholders are consistent across everything masked with it.
+
+        ``seed``: values an earlier stage of the same call masked (the decision's ``masked``), so
+        the forwarder gives a value the model echoes back the placeholder the request used, and
+        numbers new values after the request's.
+        """
+        session = MaskingSession(self)
+        for value in seed:
+            session.reserve(value["type"], value["fingerprint"], value["placeholder"])
+        return session
 
     def mask_request(
         self,
@@ -208,6 +218,14 @@ class MaskingSession:
         self.masked: list[MaskedValue] = []
         """Every value masked in this session so far, over all passes."""
 
+    def reserve(self, type_: str, fingerprint: str, placeholder: str) -> None:
+        """Use ``placeholder`` for the value of ``type_`` with ``fingerprint`` in this session (and
+        number later values of the type after it)."""
+        self._placeholders.setdefault((type_, fingerprint), placeholder)
+        number = placeholder.rstrip("]").rpartition("_")[2]
+        if number.isdigit():
+            self._counters[type_] = max(self._counters.get(type_, 0), int(number))
+
     # -- one selection, one scope -----------------------------------------------------------
 
     def mask_text(
@@ -227,6 +245,21 @@ class MaskingSession:
         """
         masked: list[MaskedValue] = []
         out = self._single(categories, types, scope, masked)(text, location)
+        self.masked.extend(masked)
+        return TextMaskResult(out, masked)
+
+    def mask_findings(
+        self, text: str, findings: list[Finding], *, location: str = "text", scope: Scope = "upstream"
+    ) -> TextMaskResult:
+        """Replace ``findings`` (sorted, non-overlapping, offsets into ``text``) by placeholders.
+
+        For callers that scanned a larger window than the text they mask, as streaming does
+        (:mod:`skillgate.policy.streaming`): a value found with its surrounding text gets this
+        session's placeholder even when only part of the window is masked now.
+        """
+        _check_scope(scope)
+        masked: list[MaskedValue] = []
+        out = self._replace(text, findings, location, lambda _t: scope, masked) if findings else text
         self.masked.extend(masked)
         return TextMaskResult(out, masked)
 
@@ -329,7 +362,7 @@ class MaskingSession:
         scan = self._masker.detectors.scan
 
         def mask(text: str, location: str) -> str:
-            if not text or not selected:
+            if not text or not selected or (scope == "upstream" and _signed(location)):
                 return text
             findings = scan(text, types=selected)
             return self._replace(text, findings, location, lambda _t: scope, masked) if findings else text
@@ -357,7 +390,7 @@ class MaskingSession:
             return "upstream" if type_ in up_types else "record"
 
         def mask_upstream(text: str, location: str) -> str:
-            if not text:
+            if not text or _signed(location):
                 return text
             chosen = [f for f in findings(text) if f.type in up_types]
             return self._replace(text, chosen, location, scope_of, masked) if chosen else text
@@ -368,6 +401,8 @@ class MaskingSession:
             found = findings(text)
             if not found:
                 return text
+            if _signed(location):  # only the record masks these: every value is reported here
+                return self._replace(text, found, location, lambda _t: "record", masked)
             # values of the upstream layer were reported by mask_upstream already
             return self._replace(text, found, location, scope_of, masked, report=lambda t: t not in up_types)
 
@@ -477,6 +512,12 @@ def _blocks(blocks: list[Any], path: str, fn: _TextFn) -> list[Any]:
     return blocks if out is None else out
 
 
+def _signed(location: str) -> bool:
+    """Whether ``location`` is a thinking block's text: the API signs it, and a changed thinking
+    block sent back in a later turn is refused, so only the record layer masks it."""
+    return location.endswith(".thinking")
+
+
 def _block(block: Any, path: str, fn: _TextFn) -> Any:
     if not isinstance(block, dict):
         return block
@@ -486,6 +527,11 @@ def _block(block: Any, path: str, fn: _TextFn) -> Any:
         if not isinstance(value, str):
             return block
         new_value: Any = fn(value, f"{path}.text")
+    elif kind == "thinking":
+        key, value = "thinking", block.get("thinking")
+        if not isinstance(value, str):
+            return block
+        new_value = fn(value, f"{path}.thinking")
     elif kind in _TOOL_INPUT_BLOCKS:
         key, value = "input", block.get("input")
         if value is None:

@@ -147,6 +147,8 @@ def policy_stack(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory)
         {
             "SKILLGATE_POLICY_BUNDLE": str(ACTIONS_BUNDLE),
             "SKILLGATE_FORWARDER_UPSTREAMS": json.dumps(upstreams),
+            # Held calls: the caller hears the approval id after 3 s (production: 60 s).
+            "SKILLGATE_INGRESS_APPROVAL_WAIT_SECONDS": "3",
         },
         stub_key=placeholder.stub_key,
     )

@@ -28,7 +28,9 @@ def sql(stack: Stack, token: str, query: str) -> list[dict[str, Any]]:
     return [dict(zip(doc["columns"], row, strict=True)) for row in doc["rows"]]
 
 
-def recorded_call(stack: Stack, token: str, call_id: str, state: str | None = None) -> dict[str, Any]:
+def recorded_call(
+    stack: Stack, token: str, call_id: str, state: str | None = None, timeout: float = 30
+) -> dict[str, Any]:
     """Wait until the call's row is in ClickHouse (in a terminal state, or ``state``)."""
     terminal = {"completed", "failed", "denied", "expired", "rate_limited"}
 
@@ -38,9 +40,7 @@ def recorded_call(stack: Stack, token: str, call_id: str, state: str | None = No
             return rows[0]
         return None
 
-    row = wait_for(probe, timeout=30)
-    assert isinstance(row, dict)
-    return row
+    return wait_for(probe, timeout=timeout)
 
 
 def stub_requests(stack: Stack, contains: str) -> list[dict[str, Any]]:
@@ -99,12 +99,13 @@ def stack_kafka(stack: Stack) -> KafkaSettings:
     return KafkaSettings(bootstrap=stack.env()["SKILLGATE_KAFKA_BOOTSTRAP"], topic_prefix=stack.topic_prefix)
 
 
-async def redeliver_decision(stack: Stack, call_id: str) -> None:
-    """Produce the call's CallDecided event again, byte for byte, as a restarted policy would."""
+async def redeliver_decision(stack: Stack, call_id: str, suffix: str = topics.DECIDED) -> None:
+    """Produce the call's last event on ``suffix`` (its CallDecided) again, byte for byte, as a
+    restarted producer would."""
     kafka = stack_kafka(stack)
-    decided = topics.name(kafka, topics.DECIDED)
+    decided = topics.name(kafka, suffix)
     found = None
-    for record in await read_topics(kafka, [topics.DECIDED]):
+    for record in await read_topics(kafka, [suffix]):
         _, event = default_codec().decode(record.value)
         if event["call_id"] == call_id:
             found = record

@@ -106,8 +106,10 @@ def test_require_approval_emits_the_request_and_ends_clearly(policy_stack: Stack
     assert payload["approval_id"].startswith("apr_") and payload["approver_groups"] == ["approvers"]
     assert "approve-large" in payload["rule_ids"]
     assert EMAIL not in payload["excerpt"]  # the excerpt comes from the body as recorded
-    row = recorded_call(policy_stack, auditor, call_id)
-    assert row["decision"] == "require_approval" and row["state"] == "failed"
+    # Nobody decides: the caller was held for the ingress's approval wait, then told the id.
+    assert caught.value.response.headers["x-skillgate-approval-state"] == "pending"
+    row = recorded_call(policy_stack, auditor, call_id, state="pending_approval")
+    assert row["decision"] == "require_approval" and row["approval_id"] == payload["approval_id"]
 
 
 def test_recorder_read_api_shows_the_bundle_version(policy_stack: Stack) -> None:

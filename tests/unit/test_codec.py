@@ -25,7 +25,11 @@ from skillgate import events
 from skillgate.codec import HEADER_LEN, MAGIC, NAMESPACE, AvroCodec, CodecError, fingerprint, schema_dir
 from skillgate.events import (
     ApprovalDecided,
+    ApprovalHeld,
+    ApprovalNotified,
     ApprovalRequested,
+    ApprovalResolved,
+    CallCancelled,
     CallCompleted,
     CallDecided,
     CallFailed,
@@ -36,6 +40,8 @@ from skillgate.events import (
     Identity,
     MaskedValue,
     PolicyBundlePublished,
+    RateCharge,
+    RateCheck,
     ReplyTo,
     UpstreamAttempt,
 )
@@ -47,8 +53,13 @@ EVENT_NAMES = [
     events.CALL_COMPLETED,
     events.CALL_FAILED,
     events.CALL_REPLY,
+    events.CALL_CANCELLED,
     events.APPROVAL_REQUESTED,
     events.APPROVAL_DECIDED,
+    events.APPROVAL_RESOLVED,
+    events.APPROVAL_NOTIFIED,
+    events.APPROVAL_HELD,
+    events.RATE_CHECK,
     events.POLICY_BUNDLE_PUBLISHED,
     events.FORWARDER_CLAIM,
     events.DEAD_LETTER,
@@ -190,6 +201,8 @@ def _completed() -> CallCompleted:
         masked=_masked(),
         stream=False,
         submitted_at=events.now_micros() - 1_500_000,
+        first_token_ms=None,
+        chunks=None,
         blocked_tools=[
             {
                 "tool_use_id": "toolu_01",
@@ -240,6 +253,18 @@ def _approval_requested() -> ApprovalRequested:
         approver_groups=["approvers"],
         quorum=2,
         expires_at=events.now_micros() + 900_000_000,
+        each_group=True,
+        max_window_seconds=3600,
+        rule_id="tools.bash.rm",
+        model="claude-sonnet-4-5",
+        skills=["pptx"],
+        tools=["bash", "bash_20250124"],
+        estimated_tokens=1200,
+        request_sha256="ab" * 32,
+        mode="sync",
+        kind="call",
+        tool="",
+        command_sha256="",
     )
 
 
@@ -251,6 +276,60 @@ def _approval_decided() -> ApprovalDecided:
         comment="ok for the migration window",
         grant="time_window",
         window_seconds=3600,
+    )
+
+
+def _approval_resolved() -> ApprovalResolved:
+    return ApprovalResolved(
+        **_env("approval-resolved"),
+        approval_id="apr_77",
+        outcome="approved",
+        grant="time_window",
+        grant_until=events.now_micros() + 3_600_000_000,
+        rule_id="tools.bash.rm",
+        deciders=["approver-1", "approver-2"],
+        reason="approved by ada, grace",
+        requested_at=events.now_micros() - 60_000_000,
+        kind="tool",
+        command_sha256="cd" * 32,
+    )
+
+
+def _approval_notified() -> ApprovalNotified:
+    return ApprovalNotified(
+        **_env("approval-notified", identity=events.anonymous_identity()),
+        approval_id="apr_77",
+        group="approvers",
+        target="hooks.example.com",
+        delivered=False,
+        attempts=5,
+        status=None,
+        error="ConnectError",
+    )
+
+
+def _approval_held() -> ApprovalHeld:
+    return ApprovalHeld(
+        **_env("approval-held"), approval_id="apr_77", request=b"\xc3\x01req", release=b"\xc3\x01rel"
+    )
+
+
+def _cancelled() -> CallCancelled:
+    return CallCancelled(
+        **_env("cancelled"), reason="client_disconnected", ingress_instance="ingress-1", chunks_delivered=12
+    )
+
+
+def _rate_check() -> RateCheck:
+    return RateCheck(
+        **_env("rate-check"),
+        submitted=b"\xc3\x01sub",
+        charges=[
+            RateCharge(key="limit|user|ada|req", window_seconds=60, amount=1, limit=10),
+            RateCharge(key="limit|user|ada|tok", window_seconds=60, amount=1234, limit=100_000),
+        ],
+        index=1,
+        totals=[3],
     )
 
 
@@ -292,6 +371,11 @@ BUILDERS: dict[str, Callable[[], Any]] = {
     events.CALL_REPLY: _reply,
     events.APPROVAL_REQUESTED: _approval_requested,
     events.APPROVAL_DECIDED: _approval_decided,
+    events.APPROVAL_RESOLVED: _approval_resolved,
+    events.APPROVAL_NOTIFIED: _approval_notified,
+    events.APPROVAL_HELD: _approval_held,
+    events.RATE_CHECK: _rate_check,
+    events.CALL_CANCELLED: _cancelled,
     events.POLICY_BUNDLE_PUBLISHED: _bundle_published,
     events.FORWARDER_CLAIM: _claim,
     events.DEAD_LETTER: _dead_letter,

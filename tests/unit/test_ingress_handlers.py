@@ -365,3 +365,20 @@ def _kwargs() -> dict[str, Any]:
         "model": "m",
         "client_ip": None,
     }
+
+
+def test_accepted_connections_inherit_tcp_keepalive() -> None:
+    """A caller held for an approval is silent for up to a minute: keep-alive probes keep the
+    path's NAT state and detect a vanished caller."""
+    import socket
+
+    from services.ingress.main import listening_socket
+
+    server = listening_socket("127.0.0.1", 0)
+    with server, socket.create_connection(server.getsockname()):
+        accepted, _ = server.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1  # no Nagle delay
+            if hasattr(socket, "TCP_KEEPIDLE"):
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 15

@@ -329,3 +329,40 @@ def test_masking_a_masked_request_finds_nothing(masker: Masker) -> None:
     again = masker.mask_request(once.body)
     assert again.masked == []
     assert again.body == once.body
+
+
+def test_a_seeded_session_reuses_the_request_placeholders(masker: Masker) -> None:
+    """The forwarder seeds its response session with the decision's masked values: a value the
+    model echoes gets the request's placeholder, a new one the next number."""
+    request = masker.session().mask_request(
+        {"messages": [{"role": "user", "content": "mail ann@example.com and bob@example.com"}]},
+        types={"EMAIL"},
+    )
+    assert [m["placeholder"] for m in request.masked] == ["[EMAIL_1]", "[EMAIL_2]"]
+    session = masker.session(seed=request.masked)
+    answer = session.mask_text("writing to bob@example.com, cc carl@example.com", types={"EMAIL"})
+    assert answer.text == "writing to [EMAIL_2], cc [EMAIL_3]"
+
+
+def test_thinking_is_masked_in_the_record_only(masker: Masker) -> None:
+    """Thinking blocks carry the API's signature: the model and the caller get them as written,
+    the record gets them masked (and reports each value with scope ``record``)."""
+    response = {
+        "type": "message",
+        "content": [
+            {"type": "thinking", "thinking": "the user is ann@example.com", "signature": "sig"},
+            {"type": "text", "text": "Hello ann@example.com"},
+        ],
+    }
+    layers = masker.session().mask_response_layers(response, upstream={"EMAIL"}, record=set())
+    assert layers.upstream["content"][0]["thinking"] == "the user is ann@example.com"
+    assert layers.upstream["content"][1]["text"] == "Hello [EMAIL_1]"
+    assert layers.record["content"][0] == {
+        "type": "thinking",
+        "thinking": "the user is [EMAIL_1]",
+        "signature": "sig",
+    }
+    assert sorted((m["location"], m["scope"]) for m in layers.masked) == [
+        ("content[0].thinking", "record"),
+        ("content[1].text", "upstream"),
+    ]

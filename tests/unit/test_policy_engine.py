@@ -9,7 +9,15 @@ import orjson
 import pytest
 
 from skillgate.policy.bundle import parse_bundle
-from skillgate.policy.engine import CallContext, MemoryRateCounter, Verdict, evaluate
+from skillgate.policy.engine import (
+    CallContext,
+    DeferredCounter,
+    MemoryRateCounter,
+    RateCounter,
+    ReplayCounter,
+    Verdict,
+    evaluate,
+)
 from skillgate.policy.masking import Masker
 from tests import factories
 
@@ -32,7 +40,7 @@ def _run(
     *,
     groups: list[str] | None = None,
     headers: dict[str, str] | None = None,
-    counter: MemoryRateCounter | None = None,
+    counter: RateCounter | None = None,
     now: datetime | None = None,
     extra: str = "",
 ) -> Verdict:
@@ -105,6 +113,31 @@ def test_rate_limit_per_user_and_window() -> None:
     )
     other_user = _run(rule, counter=counter, groups=["ops"])  # same subject: still limited
     assert other_user.decision == "rate_limited"
+
+
+def test_two_pass_counting_decides_like_one_counter() -> None:
+    """The policy service's way: pass one records charges, the counters (faust table partitions)
+    add them up, pass two decides on the totals; the outcome equals one in-process counter's."""
+    rules = (
+        "  - {id: per-user, action: rate_limit, rate_limit: {requests: 3, window_seconds: 60}}\n"
+        "  - {id: per-group, action: rate_limit, rate_limit: {requests: 5, tokens: 40, by: group}}\n"
+    )
+    reference = MemoryRateCounter(clock=lambda: 1000.0)
+    tables: dict[str, int] = {}  # what the counters' partitions hold, one key each
+    for _ in range(5):
+        deferred = DeferredCounter()
+        assert _run(rules, counter=deferred).decision == "allow"  # pass one never refuses
+        assert [c.key.split("|")[0] for c in deferred.charges] == ["per-user", "per-group", "per-group"]
+        totals = []
+        for charge in deferred.charges:  # as the rates agent does, stopping at the first over
+            tables[charge.key] = tables.get(charge.key, 0) + charge.amount
+            totals.append(tables[charge.key])
+            if totals[-1] > charge.limit:
+                break
+        replayed = _run(rules, counter=ReplayCounter(deferred.charges, totals))
+        expected = _run(rules, counter=reference)
+        assert (replayed.decision, replayed.reason) == (expected.decision, expected.reason)
+    assert expected.decision == "rate_limited" and "3 requests" in expected.reason
 
 
 def test_route_and_require_approval_on_estimated_tokens() -> None:

@@ -291,7 +291,11 @@ def test_parts_fill_only_what_each_event_knows() -> None:
     cols = dict(zip(handlers.CALL_PART_COLUMNS, approval, strict=True))
     assert cols["ident"] == handlers.NO_IDENT  # the approver is not the caller
     assert cols["approval_decisions"] == ["approve:approver-9"]
-    assert cols["state"][3] == "approved"
+    assert cols["state"][3] == "pending_approval"  # a vote; the outcome comes with ApprovalResolved
+    resolved = approval_decided(call_id, T0 + 1)
+    resolved.update(outcome="expired")
+    part = handlers.call_part_row(record(ev.APPROVAL_RESOLVED, resolved))
+    assert part is not None and part[handlers.CALL_PART_COLUMNS.index("state")][3] == "expired"
     # A system-caused failure does not overwrite the caller's identity.
     system = failed(call_id)
     system["identity"] = ev.anonymous_identity()

@@ -28,7 +28,7 @@ from services.forwarder.guard import (
     find_blocked_tools,
     guard_response,
 )
-from services.forwarder.upstream import UpstreamResult, Upstreams
+from services.forwarder.upstream import UpstreamResult, Upstreams, UpstreamStream
 from skillgate import events
 from skillgate.codec import AvroCodec
 from skillgate.config import KafkaSettings
@@ -430,10 +430,16 @@ class FakeUpstreams:
     def __init__(self, result: UpstreamResult) -> None:
         self.result = result
         self.calls = 0
+        self.streams = 0
 
     async def call(self, *_: Any) -> UpstreamResult:
         self.calls += 1
         return self.result
+
+    async def open_stream(self, *_: Any) -> UpstreamStream:
+        """A streamed call that the upstream answered without a stream (as with an error)."""
+        self.streams += 1
+        return UpstreamStream(self.result, None, self.result.headers, self.result.attempts, 0.0)
 
     async def close(self) -> None:
         return None
@@ -504,11 +510,14 @@ async def test_guard_failure_withholds_the_answer(data_dir: Path) -> None:
     assert all(EMAIL.encode() not in value for _, value in producer.sent)
 
 
-async def test_streamed_calls_are_not_forwarded_unchecked(data_dir: Path) -> None:
+async def test_streamed_calls_take_the_checked_stream_path(data_dir: Path) -> None:
+    """A streamed call goes through ``open_stream`` (checked event by event, see
+    test_streaming_guard.py), never the buffered call; an answer without a stream is guarded
+    like any other and recorded as streamed."""
     producer, upstreams, _ = await run_call(decided(stream=True), upstream_result(message()))
-    assert upstreams.calls == 0
-    [failed] = producer.decoded(CALL_FAILED)
-    assert "streamed responses" in failed["message"]
+    assert upstreams.calls == 0 and upstreams.streams == 1
+    [completed] = producer.decoded(CALL_COMPLETED)
+    assert completed["stream"] is True and completed["status"] == 200
 
 
 def test_bundle_setting_reads_the_policy_variable(monkeypatch: pytest.MonkeyPatch) -> None:

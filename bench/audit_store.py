@@ -1,0 +1,195 @@
+"""Audit-store benchmark: recorder ingest, keyword search and session timelines over 1M+ calls.
+
+    .venv/bin/python -m bench.audit_store --calls 1000000
+
+Generates conversations of up to four turns (each turn resends the conversation, so sessions are
+found by conversation hash, the way the recorder finds them in production), three events per
+forwarded call (submitted, decided, completed) and two per denied call, and feeds them to
+:meth:`AuditStore.insert_batch` in batches of ``--batch-events`` — the recorder's own insert path
+(call_parts, events with dedup check, call_records with the text indexes and usage views, signed
+checkpoints), minus Kafka. Event generation is timed apart from the inserts.
+
+Then, on the store as ingested (no OPTIMIZE):
+* keyword search: ``search_calls(q=<a token that occurs in one call>)`` over the whole store,
+  and a common-word query, newest first, 50 per page;
+* session timeline: ``session_timeline`` + the API's timeline document for random sessions.
+
+Targets (issue 6): ingest >= 20,000 events/s, keyword search p50 < 100 ms, timeline < 50 ms.
+Numbers are printed and written to bench/results/audit-<UTC time>.json; nothing asserts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.audit_events import conversations, records
+from services.recorder import timeline
+from services.recorder.config import ClickHouseSettings, RetentionSettings
+from services.recorder.handlers import SourceRecord
+from services.recorder.search import CallSearch
+from services.recorder.store import AuditStore
+
+PARTITIONS = 6
+RESULTS = Path(__file__).parent / "results"
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {
+        "n": len(values),
+        "p50_ms": round(statistics.median(values), 2),
+        "p90_ms": round(_pct(values, 0.9), 2),
+        "p99_ms": round(_pct(values, 0.99), 2),
+        "max_ms": round(max(values), 2),
+    }
+
+
+def ingest(store: AuditStore, calls: int, batch_events: int, seed: int) -> dict[str, Any]:
+    """Insert ``calls`` synthetic calls; returns counts, timings and samples to query."""
+    start_us = (time.time_ns() // 1000) - 30 * 86_400_000_000
+    spacing = max(1, (30 * 86_400_000_000) // max(calls, 1))
+    offsets = [0] * PARTITIONS
+    pending: list[SourceRecord] = []
+    insert_s = gen_s = 0.0
+    events = 0
+    tokens: list[str] = []
+    sessions: list[str] = []
+    rng = random.Random(seed + 1)
+    gen_started = time.perf_counter()
+    for n, spec in enumerate(conversations(seed, start_us, calls, spacing_us=spacing)):
+        partition = n % PARTITIONS
+        for record in records(spec, partition, offsets[partition]):
+            pending.append(record)
+            offsets[partition] += 1
+        if rng.random() < 0.0005:
+            tokens.append(str(spec.messages[-1]["content"]).rsplit(" ", 1)[-1])
+        if len(spec.messages) == 1 and rng.random() < 0.0005:
+            sessions.append(spec.call_id)
+        if len(pending) >= batch_events:
+            gen_s += time.perf_counter() - gen_started
+            started = time.perf_counter()
+            store.insert_batch(pending)
+            insert_s += time.perf_counter() - started
+            events += len(pending)
+            pending = []
+            if n and n % 100_000 < (batch_events // 3 + 1):
+                print(f"  {n:>9,} calls  {events / insert_s:,.0f} events/s so far", flush=True)
+            gen_started = time.perf_counter()
+    if pending:
+        started = time.perf_counter()
+        store.insert_batch(pending)
+        insert_s += time.perf_counter() - started
+        events += len(pending)
+    return {
+        "calls": calls,
+        "events": events,
+        "insert_seconds": round(insert_s, 2),
+        "generate_seconds": round(gen_s, 2),
+        "events_per_second": round(events / insert_s),
+        "calls_per_second": round(calls / insert_s),
+        "tokens": tokens,
+        "sessions": sessions,
+    }
+
+
+def measure(store: AuditStore, tokens: list[str], sessions: list[str], repeat: int) -> dict[str, Any]:
+    """Search and timeline latencies (ms) on the ingested store."""
+    rare: list[float] = []
+    hits: list[int] = []
+    for token in tokens[:repeat]:
+        started = time.perf_counter()
+        rows, _ = store.search_calls(CallSearch(q=token, limit=50))
+        rare.append((time.perf_counter() - started) * 1000)
+        hits.append(len(rows))
+    common: list[float] = []
+    for word in ("kubernetes registry", "revenue europe", "memory leak", "postmortem"):
+        started = time.perf_counter()
+        store.search_calls(CallSearch(q=word, limit=50))
+        common.append((time.perf_counter() - started) * 1000)
+    user: list[float] = []
+    for i in range(min(repeat, 20)):
+        started = time.perf_counter()
+        store.search_calls(CallSearch(user=f"user-{i:03d}", limit=50))
+        user.append((time.perf_counter() - started) * 1000)
+    timelines: list[float] = []
+    sizes: list[int] = []
+    for session in sessions[:repeat]:
+        started = time.perf_counter()
+        found = store.session_timeline(session)
+        assert found is not None
+        doc = timeline.document(session, found["calls"], found["events"])
+        timelines.append((time.perf_counter() - started) * 1000)
+        sizes.append(len(doc["calls"]))
+    return {
+        "keyword_search_rare_token": _summary(rare) | {"avg_hits": statistics.mean(hits) if hits else 0},
+        "keyword_search_common_words": _summary(common),
+        "search_by_user": _summary(user),
+        "session_timeline": _summary(timelines) | {"avg_calls": statistics.mean(sizes) if sizes else 0},
+    }
+
+
+def main() -> None:
+    """Run the benchmark and print its numbers."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=1_000_000)
+    parser.add_argument(
+        "--batch-events", type=int, default=5000, help="events per insert (the recorder's default)"
+    )
+    parser.add_argument("--repeat", type=int, default=50, help="queries per latency figure")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="store directory (default: a temp dir, removed)"
+    )
+    args = parser.parse_args()
+    directory = args.dir or Path(tempfile.mkdtemp(prefix="skillgate-audit-bench-"))
+    store = AuditStore(ClickHouseSettings(url=f"chdb://{directory / 'audit.chdb'}"), directory, b"k" * 32)
+    try:
+        store.migrate()
+        store.apply_retention(RetentionSettings())
+        print(f"ingesting {args.calls:,} calls into {directory} ...", flush=True)
+        ing = ingest(store, args.calls, args.batch_events, args.seed)
+        rows = store.query("SELECT count() FROM call_records FINAL", max_seconds=120).rows[0][0]
+        parts = store.query("SELECT count() FROM call_records", max_seconds=120).rows[0][0]
+        print(f"ingested {ing['events']:,} events in {ing['insert_seconds']} s: "
+              f"{ing['events_per_second']:,} events/s ({ing['calls_per_second']:,} calls/s); "
+              f"call_records {rows:,} calls ({parts:,} row versions)", flush=True)  # fmt: skip
+        lat = measure(store, ing.pop("tokens"), ing.pop("sessions"), args.repeat)
+        for name, figures in lat.items():
+            print(f"{name:30} {orjson.dumps(figures).decode()}")
+        size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+        result = {
+            "bench": "audit_store",
+            "at": datetime.now(UTC).isoformat(),
+            "ingest": ing,
+            "latency": lat,
+            "call_records": rows,
+            "call_record_versions": parts,
+            "store_bytes": size,
+            "targets": {"ingest_events_per_second": 20000, "search_p50_ms": 100, "timeline_ms": 50},
+        }
+        RESULTS.mkdir(exist_ok=True)
+        out = RESULTS / f"audit-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
+        out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+        print(f"store size {size / 1e9:.2f} GB; results in {out}")
+    finally:
+        store.close()
+        if args.dir is None:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""What skillgate adds to a streamed Messages call: ``python -m bench.streaming``.
+
+Starts the whole local stack (real Kafka, dev OIDC issuer, stub upstream, ingress, policy,
+forwarder, recorder; the default policy bundle, so secrets and PII are masked on the fly and
+tool calls checked) and streams the same calls twice, one at a time, with the same client:
+
+* **direct**: ``POST /v1/messages`` with ``"stream": true`` straight to the stub;
+* **skillgate**: the same call through the ingress with a dev-issuer token.
+
+Reported, as p50 / p99 over the calls, and the overhead (skillgate minus direct):
+
+* **TTFB**: request sent → first SSE event (``message_start``) received. Target: p50 overhead
+  under 15 ms.
+* **TTFT**: request sent → first ``text_delta`` received. Through skillgate this includes the
+  text hold-back of masking (the first characters are released once the text is longer than the
+  window, or when the block ends).
+* **Per-chunk overhead**: the stub sends ``--deltas`` text deltas ``--delay-ms`` apart; for each
+  delta index, the arrival time through skillgate minus through the stub (median per call, then
+  p50 / p99 over calls). With masking on, this is dominated by the hold-back window, so the
+  run also reports the overhead of the *last* delta, which nothing holds back beyond the end of
+  the block: the pure relay cost.
+* **Control**: as many non-streamed calls (whole answer) through skillgate minus direct,
+  interleaved with the streamed ones on the same stack: the pipeline's own overhead on this machine
+  at this moment, against which the streaming figures can be read.
+* **Kafka records per stream**: chunk messages vs SSE events relayed (the forwarder's metrics),
+  i.e. how much the relay batches.
+
+Numbers go to stdout and ``bench/results/streaming-<UTC timestamp>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from services.cli.stack import Stack, StackPorts
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MODEL = "claude-sonnet-4-5"
+
+
+@dataclass
+class Timing:
+    """One streamed call: when its first event and first text arrived, and when each character
+    of the text arrived (ms since the request; deltas are re-cut by masking, characters are not)."""
+
+    ttfb_ms: float
+    ttft_ms: float | None
+    char_ms: list[float] = field(default_factory=list)
+    total_ms: float = 0.0
+    text: str = ""
+
+
+async def stream_once(client: httpx.AsyncClient, url: str, headers: dict[str, str], body: bytes) -> Timing:
+    """POST one streamed call and time its events as they arrive."""
+    t0 = time.perf_counter()
+    ttfb: float | None = None
+    ttft: float | None = None
+    chars: list[float] = []
+    text: list[str] = []
+    buffer = b""
+    async with client.stream("POST", url, headers=headers, content=body) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"{url}: {resp.status_code} {(await resp.aread())[:300]!r}")
+        async for chunk in resp.aiter_raw():
+            now = (time.perf_counter() - t0) * 1000.0
+            buffer += chunk
+            while b"\n\n" in buffer:
+                frame, buffer = buffer.split(b"\n\n", 1)
+                if ttfb is None:
+                    ttfb = now
+                for line in frame.split(b"\n"):
+                    if line.startswith(b"data: ") and b'"text_delta"' in line:
+                        doc = json.loads(line[6:])
+                        piece = doc["delta"]["text"]
+                        text.append(piece)
+                        if ttft is None:
+                            ttft = now
+                        chars.extend([now] * len(piece))
+    total = (time.perf_counter() - t0) * 1000.0
+    assert ttfb is not None
+    return Timing(ttfb, ttft, chars, total, "".join(text))
+
+
+async def call_once(client: httpx.AsyncClient, url: str, headers: dict[str, str], body: bytes) -> float:
+    """One non-streamed call (the control): ms until the whole answer arrived."""
+    t0 = time.perf_counter()
+    resp = await client.post(url, headers=headers, content=body)
+    if resp.status_code != 200:
+        raise RuntimeError(f"{url}: {resp.status_code} {resp.text[:300]}")
+    return (time.perf_counter() - t0) * 1000.0
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    """The q-quantile (0..1) of ``values``, nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def metric(port: int, name: str) -> float:
+    """A Prometheus counter of a service's /metrics."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rpartition(" ")[2])
+    return total
+
+
+async def run(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
+    """Measure both paths, alternating call by call so both see the same machine state."""
+    token = stack.token("bench", ["eng"])
+    text = ("The quick brown fox jumps over the lazy dog. " * 200)[: args.deltas * 8]
+    body = json.dumps(
+        {"model": MODEL, "max_tokens": 1024, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+    common = {
+        "content-type": "application/json",
+        "anthropic-version": "2023-06-01",
+        "x-stub-reply-text": text,
+        "x-stub-chunk-delay-ms": str(args.delay_ms),
+    }
+    direct_h = {**common, "x-api-key": stack.stub_key}
+    gate_h = {**common, "x-api-key": token}
+    direct_url, gate_url = f"{stack.stub_url}/v1/messages", f"{stack.ingress_url}/v1/messages"
+    limits = httpx.Limits(max_connections=4, max_keepalive_connections=4)
+    chunks0 = metric(stack.ports.forwarder_metrics, "skillgate_forwarder_stream_chunks_total")
+    frames0 = metric(stack.ports.forwarder_metrics, "skillgate_forwarder_stream_frames_total")
+    plain = json.dumps(
+        {"model": MODEL, "max_tokens": 1024, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+    direct: list[Timing] = []
+    gate: list[Timing] = []
+    control: list[float] = []
+    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        for _ in range(args.warmup):
+            await stream_once(client, gate_url, gate_h, body)
+            await stream_once(client, direct_url, direct_h, body)
+        chunks0 = metric(stack.ports.forwarder_metrics, "skillgate_forwarder_stream_chunks_total")
+        frames0 = metric(stack.ports.forwarder_metrics, "skillgate_forwarder_stream_frames_total")
+        for _ in range(args.calls):
+            direct.append(await stream_once(client, direct_url, direct_h, body))
+            gate.append(await stream_once(client, gate_url, gate_h, body))
+            d = await call_once(client, direct_url, direct_h, plain)
+            control.append(await call_once(client, gate_url, gate_h, plain) - d)
+    chunks = metric(stack.ports.forwarder_metrics, "skillgate_forwarder_stream_chunks_total") - chunks0
+    frames = metric(stack.ports.forwarder_metrics, "skillgate_forwarder_stream_frames_total") - frames0
+    if any(g.text != d.text for g, d in zip(gate, direct, strict=True)):
+        raise RuntimeError("skillgate delivered a different text than the stub sent")
+
+    def summary(values: Sequence[float]) -> dict[str, float]:
+        return {"p50": round(pct(values, 0.5), 2), "p99": round(pct(values, 0.99), 2)}
+
+    ttfb_d, ttfb_g = [t.ttfb_ms for t in direct], [t.ttfb_ms for t in gate]
+    ttft_d = [t.ttft_ms for t in direct if t.ttft_ms is not None]
+    ttft_g = [t.ttft_ms for t in gate if t.ttft_ms is not None]
+    last_over = [g.char_ms[-1] - d.char_ms[-1] for g, d in zip(gate, direct, strict=True)]
+    total_over = [g.total_ms - d.total_ms for g, d in zip(gate, direct, strict=True)]
+    # per chunk: when each piece of text reached the client, through skillgate minus directly
+    per_chunk = [
+        statistics.median(gc - dc for gc, dc in zip(g.char_ms, d.char_ms, strict=True))
+        for g, d in zip(gate, direct, strict=True)
+    ]
+    return {
+        "bundle": "relay-only (nothing masked or checked)" if args.relay_only else "default",
+        "calls": args.calls,
+        "deltas_per_call": args.deltas,
+        "delta_delay_ms": args.delay_ms,
+        "ttfb_ms": {"direct": summary(ttfb_d), "skillgate": summary(ttfb_g)},
+        "ttfb_overhead_ms": summary([g - d for g, d in zip(ttfb_g, ttfb_d, strict=True)]),
+        "ttft_ms": {"direct": summary(ttft_d), "skillgate": summary(ttft_g)},
+        "per_chunk_overhead_ms": summary(per_chunk),
+        "last_delta_overhead_ms": summary(last_over),
+        "total_overhead_ms": summary(total_over),
+        "control_nonstreamed_overhead_ms": summary(control),
+        "kafka_chunk_messages_per_stream": round(chunks / args.calls, 1),
+        "sse_events_per_stream": round(frames / args.calls, 1),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Start a stack, measure, print and save the numbers."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--calls", type=int, default=100, help="streamed calls per path")
+    parser.add_argument("--warmup", type=int, default=10, help="calls per path before measuring")
+    parser.add_argument(
+        "--deltas", type=int, default=64, help="text deltas per streamed answer (8 chars each)"
+    )
+    parser.add_argument("--delay-ms", type=float, default=2.0, help="stub delay between two deltas")
+    parser.add_argument(
+        "--relay-only",
+        action="store_true",
+        help="a bundle that masks and checks nothing: measures the pure relay (no hold-back)",
+    )
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    data = Path(tempfile.mkdtemp(prefix="skillgate-bench-stream-"))
+    env = {"SKILLGATE_LOG_LEVEL": "WARNING", "SKILLGATE_STUB_MAX_RECORDED": "0"}
+    if args.relay_only:
+        bundle = data / "relay-only.yaml"
+        bundle.write_text('name: bench-relay\nversion: "1"\ndefault_action: allow\nrules: []\n')
+        env["SKILLGATE_POLICY_BUNDLE"] = str(bundle)
+    stack = Stack(data_dir=data, ports=StackPorts.free(), extra_env=env)
+    try:
+        stack.start()
+        result = asyncio.run(run(stack, args))
+    finally:
+        stack.stop()
+    print(json.dumps(result, indent=2))
+    verdict = "met" if result["ttfb_overhead_ms"]["p50"] < 15.0 else "MISSED"
+    print(f"TTFB overhead p50 {result['ttfb_overhead_ms']['p50']} ms (target < 15 ms: {verdict})")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    out = args.results_dir / f"streaming-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json"
+    out.write_text(
+        json.dumps({"result": result, "args": {k: str(v) for k, v in vars(args).items()}}, indent=2)
+    )
+    print(f"saved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

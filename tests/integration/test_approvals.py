@@ -235,6 +235,14 @@ def test_approve_path_releases_the_waiting_caller_once(
     )
     note = json.loads(notified[0]["payload"])
     assert note["delivered"] is True and note["attempts"] == 2 and note["group"] == "approvers"
+    # The analysts' one-row-per-approval view folds the same story.
+    view = sql(
+        astack,
+        people.audrey,
+        f"SELECT outcome, decisions, notifications, turnaround_seconds FROM approvals WHERE approval_id = '{listed['id']}'",  # noqa: S608
+    )
+    assert view[0]["outcome"] == "approved" and view[0]["notifications"] == 1
+    assert view[0]["decisions"] == ["approve:bob"] and float(view[0]["turnaround_seconds"]) > 0
     # The webhook: retried after the 500, Slack-compatible, deep link, valid HMAC signature.
     deliveries = hooks.for_approval(listed["id"])
     assert len(deliveries) == 2

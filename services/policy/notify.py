@@ -141,9 +141,17 @@ async def deliver(
         **env,
         approval_id=request["approval_id"],
         group=delivery.group,
-        target=urlsplit(delivery.url).netloc,
+        target=_host(delivery.url),
         delivered=delivered,
         attempts=attempt,
         status=status,
         error=error,
     )
+
+
+def _host(url: str) -> str:
+    """Host (and port) of a webhook URL, never its credentials, path or query (they may hold a
+    token)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return f"{host}:{parts.port}" if parts.port else host

@@ -185,3 +185,13 @@ def test_grants_cover_the_requester_and_rule_until_they_end() -> None:
     assert grants.active("alice", "other-rule", NOW + 3) is None
     assert grants.active("bob", "hold", NOW + 3) is None
     assert grants.active("alice", "hold", NOW + 2 + 600_000_001) is None
+
+
+def test_the_notified_event_names_only_the_webhook_host() -> None:
+    from services.policy.notify import _host
+
+    assert (
+        _host("https://user:s3cret@hooks.example.com:8443/services/T0/B0/XyZ?token=abc")
+        == "hooks.example.com:8443"
+    )
+    assert _host("https://hooks.slack.com/services/T0/B0/XyZ") == "hooks.slack.com"

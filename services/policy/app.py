@@ -193,7 +193,7 @@ class PolicyService:
         # One actor: decisions on an approval are judged strictly one after another.
         self.app.agent(approval_channel, name="approvals", concurrency=1)(self._agent(self.handle_approval))
         self.app.timer(policy.expiry_check_seconds)(self._expire_due)
-        self._expiry_sent: set[str] = set()
+        self._expiry_sent: dict[str, int] = {}  # approval id → when its expiry was asked for
         self.admin_groups = RoleSettings().admin_groups
         self.grants = Grants()
         self.app.task(self._follow_grants)
@@ -437,11 +437,19 @@ class PolicyService:
 
     async def _follow_grants(self) -> None:
         """Follow approvals.resolved so time-window grants apply on every replica."""
-        follower = TopicFollower(self.kafka, [topics.APPROVALS_RESOLVED], self.grants.on_event)
-        try:
-            await follower.start()
-        except Exception as exc:
-            log.error("cannot follow approval grants; calls will ask again", extra={"error": str(exc)})
+        backoff = 0.5
+        while True:  # until Kafka answers: meanwhile covered calls are held again (fail safe)
+            follower = TopicFollower(self.kafka, [topics.APPROVALS_RESOLVED], self.grants.on_event)
+            try:
+                await follower.start()
+                return
+            except Exception as exc:
+                log.error(
+                    "cannot follow approval grants yet; retrying (calls a grant covers are held meanwhile)",
+                    extra={"error": f"{type(exc).__name__}: {exc}"[:300]},
+                )
+            await asyncio.sleep(backoff)  # retry backoff while Kafka is unreachable
+            backoff = min(backoff * 2, 30.0)
 
     async def handle_approval(
         self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes
@@ -545,13 +553,17 @@ class PolicyService:
         the expiry is judged in order with people's decisions by the approvals agent)."""
         now = events.now_micros()
         for key, raw in list(self.pending.items()):
-            if raw is None:
+            try:
+                state = approvals.ApprovalState.loads(raw)
+            except Exception:  # never let one bad entry stop expiring the others
+                log.exception("unreadable pending approval skipped", extra={"key": repr(key)[:80]})
                 continue
-            state = approvals.ApprovalState.loads(raw)
             approval_id = state.requested["approval_id"]
             if state.outcome is not None or now < state.requested["expires_at"]:
                 continue
-            if approval_id in self._expiry_sent:
+            # Asked already: ask again only if it is still pending a while later (the agent that
+            # judged it may have seen a slightly different clock).
+            if now - self._expiry_sent.get(approval_id, 0) < 30_000_000:
                 continue
             expire = approvals.expire_decision(state, now)
             await self._confirm(
@@ -559,7 +571,7 @@ class PolicyService:
                     key=key, value=self.codec.encode(APPROVAL_DECIDED, expire)
                 )
             )
-            self._expiry_sent.add(approval_id)
+            self._expiry_sent[approval_id] = now
 
     async def _notify_agent(self, stream: faust.StreamT[bytes]) -> None:
         secret = self.settings.webhook_secret

@@ -8,7 +8,6 @@ hands each decoded event to a callback, so a restarted replica rebuilds its view
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -19,7 +18,7 @@ from aiokafka.structs import TopicPartition
 from skillgate import topics
 from skillgate.codec import AvroCodec, CodecError, default_codec
 from skillgate.config import KafkaSettings
-from skillgate.kafka import make_consumer
+from skillgate.kafka import make_consumer, stop_reader
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +134,4 @@ class TopicFollower:
 
     async def stop(self) -> None:
         """Stop reading and close the consumer."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        if self._consumer is not None:
-            await self._consumer.stop()
+        await stop_reader(self._task, self._consumer)

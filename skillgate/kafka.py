@@ -7,6 +7,8 @@ only after the effect of a message is durable (DESIGN.md invariant 5).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import logging
 import ssl
@@ -169,3 +171,13 @@ class DeadLetterer:
                 "offset": record.offset,
             },
         )
+
+
+async def stop_reader(task: asyncio.Task[None] | None, consumer: AIOKafkaConsumer | None) -> None:
+    """Stop a background reading task, then close its consumer (either may be None)."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    if consumer is not None:
+        await consumer.stop()

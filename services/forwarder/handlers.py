@@ -108,27 +108,12 @@ def guarded_events(
         )
         state = "failed"
     else:
-        usage_doc = guarded.usage_doc if guarded.usage_doc is not None else _parsed(record_body)
-        model, stop, tin, tout = _usage(usage_doc)
-        terminal = CallCompleted(
-            **_env(decided, "completed"),
-            upstream=decided["upstream"],
-            status=guarded.status,
-            headers=guarded.headers,
-            body=record_body,
+        terminal = _completed(
+            decided,
+            guarded,
             attempts=result.attempts,
             latency_ms=result.latency_ms,
             request_id=result.headers.get("request-id"),
-            model=model or decided["model"],
-            stop_reason=stop,
-            input_tokens=tin,
-            output_tokens=tout,
-            masked=guarded.masked,
-            stream=False,
-            submitted_at=decided["submitted_at"],
-            blocked_tools=guarded.blocked,
-            first_token_ms=None,
-            chunks=None,
         )
         state = "completed"
     reply: CallReply | None = None
@@ -233,26 +218,49 @@ def streamed_terminal(
             body=body,
         )
     assert record is not None
-    usage_doc = record.usage_doc if record.usage_doc is not None else _parsed(record.record_body)
+    return _completed(
+        decided,
+        record,
+        attempts=opened.attempts,
+        latency_ms=latency_ms,
+        request_id=opened.headers.get("request-id"),
+        stream=True,
+        first_token_ms=first_token_ms,
+        chunks=chunks,
+    )
+
+
+def _completed(
+    decided: CallDecided,
+    guarded: GuardedResponse,
+    *,
+    attempts: list[UpstreamAttempt],
+    latency_ms: float,
+    request_id: str | None,
+    stream: bool = False,
+    first_token_ms: float | None = None,
+    chunks: int | None = None,
+) -> CallCompleted:
+    """The calls.completed record of a guarded answer (usage read from the answer as recorded)."""
+    usage_doc = guarded.usage_doc if guarded.usage_doc is not None else _parsed(guarded.record_body)
     model, stop, tin, tout = _usage(usage_doc)
-    request_id = opened.headers.get("request-id")
     return CallCompleted(
         **_env(decided, "completed"),
         upstream=decided["upstream"],
-        status=record.status,
-        headers=record.headers,
-        body=record.record_body,
-        attempts=opened.attempts,
+        status=guarded.status,
+        headers=guarded.headers,
+        body=guarded.record_body,
+        attempts=attempts,
         latency_ms=latency_ms,
         request_id=request_id,
         model=model or decided["model"],
         stop_reason=stop,
         input_tokens=tin,
         output_tokens=tout,
-        masked=record.masked,
-        stream=True,
+        masked=guarded.masked,
+        stream=stream,
         submitted_at=decided["submitted_at"],
-        blocked_tools=record.blocked,
+        blocked_tools=guarded.blocked,
         first_token_ms=first_token_ms,
         chunks=chunks,
     )

@@ -58,7 +58,7 @@ from skillgate.codec import AvroCodec, CodecError
 from skillgate.config import KafkaSettings
 from skillgate.errors import new_request_id
 from skillgate.events import CALL_CANCELLED, CALL_REPLY, CallDecided, CallReply, MaskedValue
-from skillgate.kafka import make_consumer
+from skillgate.kafka import make_consumer, stop_reader
 from skillgate.policy.streaming import StreamTextMasker, holdback_chars
 
 log = logging.getLogger(__name__)
@@ -602,12 +602,7 @@ class CancelWatcher:
 
     async def stop(self) -> None:
         """Stop reading."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._consumer is not None:
-            await self._consumer.stop()
+        await stop_reader(self._task, self._consumer)
 
     async def _run(self) -> None:
         assert self._consumer is not None

@@ -175,18 +175,12 @@ class Upstreams:
                 return UpstreamStream(result, None, {}, attempts, started)
             finally:
                 await resp.aclose()
-            retry = (
-                resp.status_code in RETRYABLE_STATUS
-                and resp.headers.get("x-should-retry", "true") != "false"
-                and number < s.max_attempts
-            )
-            if retry:
-                wait = advice if advice is not None else _jitter(delay)
-                if wait <= s.backoff_max_seconds:
-                    log.info("retrying upstream", extra={"status": resp.status_code, "wait_s": wait})
-                    await asyncio.sleep(wait)
-                    delay = min(delay * 2, s.backoff_max_seconds)
-                    continue
+            wait = _retry_wait(resp, advice, delay, number, s)
+            if wait is not None:
+                log.info("retrying upstream", extra={"status": resp.status_code, "wait_s": wait})
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, s.backoff_max_seconds)
+                continue
             result = UpstreamResult(
                 resp.status_code, relay_headers(resp.headers), content, attempts, None, _ms(started)
             )
@@ -221,18 +215,12 @@ class Upstreams:
                 delay = min(delay * 2, s.backoff_max_seconds)
                 continue
             advice = _answered(attempts, number, at, t0, resp)
-            retry = (
-                resp.status_code in RETRYABLE_STATUS
-                and resp.headers.get("x-should-retry", "true") != "false"
-                and number < s.max_attempts
-            )
-            if retry:
-                wait = advice if advice is not None else _jitter(delay)
-                if wait <= s.backoff_max_seconds:
-                    log.info("retrying upstream", extra={"status": resp.status_code, "wait_s": wait})
-                    await asyncio.sleep(wait)
-                    delay = min(delay * 2, s.backoff_max_seconds)
-                    continue
+            wait = _retry_wait(resp, advice, delay, number, s)
+            if wait is not None:
+                log.info("retrying upstream", extra={"status": resp.status_code, "wait_s": wait})
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, s.backoff_max_seconds)
+                continue
             return UpstreamResult(
                 resp.status_code,
                 relay_headers(resp.headers),
@@ -292,6 +280,22 @@ def _ms(started: float) -> float:
 
 def _jitter(delay: float) -> float:
     return delay * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not security
+
+
+def _retry_wait(
+    resp: httpx.Response, advice: float | None, delay: float, number: int, s: ForwarderSettings
+) -> float | None:
+    """How long to wait before retrying an answered attempt, or None when it must not be retried
+    (not a retryable status, the upstream said not to, attempts used up, or it asks for a longer
+    wait than we hold a call: then its answer, with retry-after, goes to the caller)."""
+    if (
+        resp.status_code not in RETRYABLE_STATUS
+        or resp.headers.get("x-should-retry", "true") == "false"
+        or number >= s.max_attempts
+    ):
+        return None
+    wait = advice if advice is not None else _jitter(delay)
+    return wait if wait <= s.backoff_max_seconds else None
 
 
 def _answered(

@@ -15,7 +15,6 @@ recorded state, so the answer is still delivered, only later.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 from collections.abc import Iterable
@@ -30,7 +29,7 @@ from skillgate.codec import CodecError, default_codec
 from skillgate.config import KafkaSettings
 from skillgate.errors import GatewayError
 from skillgate.events import CALL_REPLY, CallReply, ReplyTo
-from skillgate.kafka import make_consumer
+from skillgate.kafka import make_consumer, stop_reader
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +109,7 @@ class ReplyRouter:
 
     async def stop(self) -> None:
         """Leave the group (its partitions move to the other replicas at once)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._consumer is not None:
-            await self._consumer.stop()
+        await stop_reader(self._task, self._consumer)
 
     @property
     def ready(self) -> bool:

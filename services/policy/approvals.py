@@ -134,7 +134,6 @@ class ApprovalState:
     release: str  # base64 of the encoded CallDecided to publish once approved
     votes: list[Vote] = field(default_factory=list)
     outcome: str | None = None
-    announced: bool = False
 
     @property
     def requested(self) -> ApprovalRequested:

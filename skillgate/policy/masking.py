@@ -184,18 +184,6 @@ class Masker:
             text, location=location, categories=categories, types=types, scope=scope
         )
 
-    def mask_request_layers(
-        self, body: Mapping[str, Any], *, upstream: Collection[str], record: Collection[str]
-    ) -> LayeredMaskResult:
-        """Mask a request for upstream and record in a fresh session (one scan per string)."""
-        return self.session().mask_request_layers(body, upstream=upstream, record=record)
-
-    def mask_response_layers(
-        self, body: Mapping[str, Any], *, upstream: Collection[str], record: Collection[str]
-    ) -> LayeredMaskResult:
-        """Mask a response for the caller and the record in a fresh session (one scan per string)."""
-        return self.session().mask_response_layers(body, upstream=upstream, record=record)
-
 
 _TextFn = Callable[[str, str], str]  # (text, location) -> masked text
 _Walker = Callable[[Mapping[str, Any], _TextFn], dict[str, Any]]  # applies a _TextFn to a body

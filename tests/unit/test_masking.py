@@ -255,7 +255,7 @@ def test_response_masking(masker: Masker) -> None:
         "content[1].input.query",
         "content[2].input.query",
     ]
-    layered = masker.mask_response_layers(response, upstream=SECRET_TYPES, record=PII_TYPES)
+    layered = masker.session().mask_response_layers(response, upstream=SECRET_TYPES, record=PII_TYPES)
     assert EMAIL in layered.upstream["content"][0]["text"]
     assert EMAIL not in json.dumps(layered.record)
 

@@ -1,47 +1,61 @@
-"""Store-side record lag at a steady call rate: event created → row queryable.
+"""Record lag at a steady call rate: event produced → row queryable in the audit store.
 
-    .venv/bin/python -m bench.audit_lag --rate 500 --seconds 60
+    .venv/bin/python -m bench.audit_lag --rate 500 --seconds 60               # through Kafka
+    .venv/bin/python -m bench.audit_lag --rate 500 --seconds 60 --store-only  # the store alone
 
-Calls arrive at ``--rate`` per second (three events each: submitted, decided, completed, stamped
-with their creation time). Like the recorder's consumer, events are collected for
-``--batch-seconds`` (the recorder's ``SKILLGATE_RECORDER_BATCH_MAX_SECONDS``, 0.25 s) and then
-inserted with :meth:`AuditStore.insert_batch` (events, call_parts, call_records with the text
-indexes, usage views, signed checkpoints). The lag of an event is the time from its creation to
-the end of the insert that makes it queryable. When inserts take longer than the batch window the
-loop falls behind and the lag grows without bound: that is the capacity limit showing.
+Calls arrive at ``--rate`` per second, three events each (submitted, decided, completed, with
+1-2 KB bodies), each stamped with the time it is produced.
 
-Not measured here: the Kafka hops before the recorder (about 1-2 ms each on loopback, see
-DESIGN.md) and the consumer's decoding. The recorder exports the full lag
-(``skillgate_recorder_record_lag_seconds``) in production.
+**Through Kafka** (the default; what issue 6 asks): a local Kafka broker (our script) and the real
+recorder service (``skillgate recorder``, embedded chDB) are started; the events are produced to
+the recorder's topics, Avro-encoded and keyed by session like the services do. Two measurements:
+
+* the recorder's own metric ``skillgate_recorder_record_lag_seconds`` (event time → the insert
+  that makes it queryable returned), read from its ``/metrics`` after the run: p50/p99 are the
+  histogram bucket bounds, the mean is exact;
+* an independent probe from outside: every ``--probe-every``-th call is polled through the
+  recorder's ``GET /v1/calls/{id}`` (as an auditor) every 50 ms until it shows ``completed``; its
+  lag is from producing its CallCompleted to the first answer that shows it (at most 50 ms late).
+
+**Store only**: the same events are collected for ``--batch-seconds`` (the recorder's
+``SKILLGATE_RECORDER_BATCH_MAX_SECONDS``) and inserted with :meth:`AuditStore.insert_batch`,
+without Kafka, the consumer's decoding or the API: the store's share of the lag. When inserts take
+longer than the batch window the loop falls behind and the lag grows without bound: that is the
+capacity limit showing.
+
+Numbers go to stdout and ``bench/results/audit-lag-<UTC time>.json``; nothing asserts them.
+Target (issue 6): under 2 s at 500 calls/s.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import shutil
 import statistics
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import httpx
 import orjson
 
 from bench.audit_events import conversations, records
+from services.cli.stack import Stack, StackPorts
 from services.recorder.config import ClickHouseSettings, RetentionSettings
 from services.recorder.handlers import SourceRecord
 from services.recorder.store import AuditStore
+from skillgate.codec import default_codec
+from skillgate.config import KafkaSettings
+from skillgate.kafka import make_producer
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def main() -> None:
-    """Run the steady-rate lag measurement and print it."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rate", type=float, default=500.0, help="calls per second")
-    parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument("--batch-seconds", type=float, default=0.25)
-    args = parser.parse_args()
+def store_only(args: argparse.Namespace) -> dict[str, Any]:
+    """The store's share of the lag: batches inserted straight into a chDB store."""
     directory = Path(tempfile.mkdtemp(prefix="skillgate-audit-lag-"))
     store = AuditStore(ClickHouseSettings(url=f"chdb://{directory / 'audit.chdb'}"), directory, b"k" * 32)
     lags: list[float] = []
@@ -81,8 +95,9 @@ def main() -> None:
             lags.extend(time.time() - c for c in created)
         elapsed = time.time() - start
         ordered = sorted(lags)
-        result = {
+        return {
             "bench": "audit_lag",
+            "mode": "store-only",
             "at": datetime.now(UTC).isoformat(),
             "target_calls_per_second": args.rate,
             "achieved_calls_per_second": round(total / elapsed, 1),
@@ -94,13 +109,164 @@ def main() -> None:
             "insert_p50_s": round(statistics.median(inserts), 3),
             "insert_max_s": round(max(inserts), 3),
         }
-        print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
-        RESULTS.mkdir(exist_ok=True)
-        out = RESULTS / f"audit-lag-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
-        out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     finally:
         store.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """Samples of one metric in Prometheus text format: (labels, value)."""
+    out: list[tuple[dict[str, str], float]] = []
+    for line in text.splitlines():
+        if not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        labels: dict[str, str] = {}
+        if "{" in head:
+            if head[: head.index("{")] != name:
+                continue
+            for pair in head[head.index("{") + 1 : head.rindex("}")].split(","):
+                if "=" in pair:
+                    key, _, raw = pair.partition("=")
+                    labels[key.strip()] = raw.strip().strip('"')
+        elif head != name:
+            continue
+        out.append((labels, float(value)))
+    return out
+
+
+def _histogram_quantile(text: str, name: str, q: float) -> float:
+    """Upper bound of the bucket holding quantile ``q`` of a Prometheus histogram."""
+    buckets = sorted(
+        (float(labels["le"]), count)
+        for labels, count in _samples(text, f"{name}_bucket")
+        if labels.get("le") not in (None, "+Inf")
+    )
+    total = sum(v for _, v in _samples(text, f"{name}_count"))
+    for bound, count in buckets:
+        if count >= q * total:
+            return bound
+    return float("inf")
+
+
+async def _probe(
+    client: httpx.AsyncClient, url: str, token: str, produced: float, deadline: float
+) -> float | None:
+    """Seconds from ``produced`` until the call shows ``completed`` through the recorder's API."""
+    while time.time() < deadline:
+        try:
+            response = await client.get(url, headers={"authorization": f"Bearer {token}"})
+        except httpx.HTTPError:
+            continue  # a slow answer is the recorder being busy: ask again
+        if response.status_code == 200 and response.json().get("state") == "completed":
+            return time.time() - produced
+        await asyncio.sleep(0.05)  # polling interval of a condition with a deadline
+    return None
+
+
+async def _produce(args: argparse.Namespace, stack: Stack, prefix: str) -> dict[str, Any]:
+    kafka = KafkaSettings(bootstrap=stack.kafka.bootstrap if stack.kafka else "", topic_prefix=prefix)
+    producer = make_producer(kafka)
+    codec = default_codec()
+    token = stack.token("lag-bench-auditor", ["auditors"])
+    await producer.start()
+    probes: list[asyncio.Task[float | None]] = []
+    total = int(args.rate * args.seconds)
+    events = 0
+    try:
+        async with httpx.AsyncClient(base_url=stack.recorder_url, timeout=5.0) as client:
+            start = time.time()
+            specs = conversations(11, int(start * 1e6), total, spacing_us=int(1e6 / args.rate))
+            pending: list[asyncio.Future[Any]] = []
+            for n, spec in enumerate(specs):
+                wait = spec.time_us / 1e6 - time.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)  # pacing the producer to the target rate
+                produced = time.time()
+                for rec in records(spec, topic_prefix=prefix.rstrip(".")):
+                    event = dict(rec.event) | {"time": int(time.time() * 1e6)}
+                    value = codec.encode(rec.event_type, event)
+                    pending.append(await producer.send(rec.topic, value, key=spec.session_id.encode()))
+                    events += 1
+                if n % args.probe_every == 0 and spec.decision == "allow":
+                    url = f"/v1/calls/{spec.call_id}"
+                    probes.append(asyncio.create_task(_probe(client, url, token, produced, produced + 30)))
+                if len(pending) > 1000:
+                    await asyncio.gather(*pending)
+                    pending.clear()
+            await asyncio.gather(*pending)
+            elapsed = time.time() - start
+            probed = [p for p in await asyncio.gather(*probes) if p is not None]
+    finally:
+        await producer.stop()
+    return {"calls": total, "events": events, "produce_seconds": elapsed, "probe_lags": probed}
+
+
+def through_kafka(args: argparse.Namespace) -> dict[str, Any]:
+    """The full lag: produced to Kafka, consumed, inserted and queryable, measured twice."""
+    directory = Path(tempfile.mkdtemp(prefix="skillgate-audit-lag-"))
+    prefix = f"lagbench{int(time.time())}."
+    stack = Stack(directory, StackPorts.free(), topic_prefix=prefix, use_stub=False)
+    try:
+        stack.start(services=("recorder",))
+        produced = asyncio.run(_produce(args, stack, prefix))
+        metric = "skillgate_recorder_record_lag_seconds"
+        deadline = time.monotonic() + 120
+        while True:  # wait until every produced event is stored (or give up at the deadline)
+            text = httpx.get(f"{stack.recorder_url}/metrics", timeout=5).text
+            stored = sum(v for _, v in _samples(text, "skillgate_recorder_events_inserted_total"))
+            if stored >= produced["events"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)  # polling a condition with a deadline
+        lag_sum = sum(v for _, v in _samples(text, f"{metric}_sum"))
+        lag_count = sum(v for _, v in _samples(text, f"{metric}_count"))
+        probe = sorted(produced["probe_lags"])
+
+        def mean(name: str) -> float | None:
+            total = sum(v for _, v in _samples(text, f"{name}_sum"))
+            count = sum(v for _, v in _samples(text, f"{name}_count"))
+            return round(total / count, 3) if count else None
+
+        return {
+            "bench": "audit_lag",
+            "mode": "through-kafka",
+            "at": datetime.now(UTC).isoformat(),
+            "target_calls_per_second": args.rate,
+            "achieved_calls_per_second": round(produced["calls"] / produced["produce_seconds"], 1),
+            "events_produced": produced["events"],
+            "events_stored": int(stored),
+            "metric_lag_p50_le_s": _histogram_quantile(text, metric, 0.5),
+            "metric_lag_p99_le_s": _histogram_quantile(text, metric, 0.99),
+            "metric_lag_mean_s": round(lag_sum / lag_count, 3) if lag_count else None,
+            "recorder_batches": int(
+                sum(v for _, v in _samples(text, "skillgate_recorder_insert_seconds_count"))
+            ),
+            "recorder_batch_size_mean": mean("skillgate_recorder_batch_size"),
+            "recorder_insert_seconds_mean": mean("skillgate_recorder_insert_seconds"),
+            "probe_calls": len(probe),
+            "probe_lag_p50_s": round(statistics.median(probe), 3) if probe else None,
+            "probe_lag_p99_s": round(probe[int(0.99 * (len(probe) - 1))], 3) if probe else None,
+            "probe_lag_max_s": round(probe[-1], 3) if probe else None,
+        }
+    finally:
+        stack.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def main() -> None:
+    """Run the steady-rate lag measurement and print it."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=500.0, help="calls per second")
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--batch-seconds", type=float, default=0.25, help="store-only: batch window")
+    parser.add_argument("--probe-every", type=int, default=250, help="poll every n-th call through the API")
+    parser.add_argument("--store-only", action="store_true", help="insert into chDB directly, no Kafka")
+    args = parser.parse_args()
+    result = store_only(args) if args.store_only else through_kafka(args)
+    print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"audit-lag-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
+    out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
 
 
 if __name__ == "__main__":

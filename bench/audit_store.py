@@ -9,6 +9,10 @@ forwarded call (submitted, decided, completed) and two per denied call, and feed
 (call_parts, events with dedup check, call_records with the text indexes and usage views, signed
 checkpoints), minus Kafka. Event generation is timed apart from the inserts.
 
+The process tunes its garbage collector the way the recorder service does
+(:func:`services.recorder.main.tune_gc`). ``--dir D --reuse`` measures the queries again on a store
+a previous run left in ``D`` (with ``--dir``), without ingesting: e.g. on a quieter machine.
+
 Then, on the store as ingested (no OPTIMIZE):
 * keyword search: ``search_calls(q=<a token that occurs in one call>)`` over the whole store,
   and a common-word query, newest first, 50 per page;
@@ -21,6 +25,7 @@ Numbers are printed and written to bench/results/audit-<UTC time>.json; nothing 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import statistics
@@ -36,6 +41,7 @@ from bench.audit_events import conversations, records
 from services.recorder import timeline
 from services.recorder.config import ClickHouseSettings, RetentionSettings
 from services.recorder.handlers import SourceRecord
+from services.recorder.main import tune_gc
 from services.recorder.search import CallSearch
 from services.recorder.store import AuditStore
 
@@ -142,6 +148,21 @@ def measure(store: AuditStore, tokens: list[str], sessions: list[str], repeat: i
     }
 
 
+def samples(store: AuditStore, repeat: int) -> tuple[list[str], list[str]]:
+    """Rare tokens and first-turn sessions to query, picked from a store a previous run left."""
+    tokens = store.query(
+        "SELECT extract(request_body, 'ticket[0-9]+') AS t FROM call_records "  # noqa: S608
+        f"WHERE t != '' ORDER BY cityHash64(call_id) LIMIT {int(repeat)}",
+        max_seconds=120,
+    ).rows
+    sessions = store.query(
+        "SELECT session_id FROM call_records WHERE session_source = 'call' "  # noqa: S608
+        f"ORDER BY cityHash64(call_id) LIMIT {int(repeat)}",
+        max_seconds=120,
+    ).rows
+    return [str(t) for (t,) in tokens], [str(s) for (s,) in sessions]
+
+
 def main() -> None:
     """Run the benchmark and print its numbers."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -154,20 +175,29 @@ def main() -> None:
     parser.add_argument(
         "--dir", type=Path, default=None, help="store directory (default: a temp dir, removed)"
     )
+    parser.add_argument("--reuse", action="store_true", help="measure queries on --dir without ingesting")
     args = parser.parse_args()
+    tune_gc()
     directory = args.dir or Path(tempfile.mkdtemp(prefix="skillgate-audit-bench-"))
     store = AuditStore(ClickHouseSettings(url=f"chdb://{directory / 'audit.chdb'}"), directory, b"k" * 32)
     try:
         store.migrate()
         store.apply_retention(RetentionSettings())
-        print(f"ingesting {args.calls:,} calls into {directory} ...", flush=True)
-        ing = ingest(store, args.calls, args.batch_events, args.seed)
+        ing: dict[str, Any]
+        if args.reuse:
+            tokens, sessions = samples(store, args.repeat)
+            ing = {"reused": str(directory)}
+        else:
+            print(f"ingesting {args.calls:,} calls into {directory} ...", flush=True)
+            ing = ingest(store, args.calls, args.batch_events, args.seed)
+            tokens, sessions = ing.pop("tokens"), ing.pop("sessions")
         rows = store.query("SELECT count() FROM call_records FINAL", max_seconds=120).rows[0][0]
         parts = store.query("SELECT count() FROM call_records", max_seconds=120).rows[0][0]
-        print(f"ingested {ing['events']:,} events in {ing['insert_seconds']} s: "
-              f"{ing['events_per_second']:,} events/s ({ing['calls_per_second']:,} calls/s); "
-              f"call_records {rows:,} calls ({parts:,} row versions)", flush=True)  # fmt: skip
-        lat = measure(store, ing.pop("tokens"), ing.pop("sessions"), args.repeat)
+        if not args.reuse:
+            print(f"ingested {ing['events']:,} events in {ing['insert_seconds']} s: "
+                  f"{ing['events_per_second']:,} events/s ({ing['calls_per_second']:,} calls/s)")  # fmt: skip
+        print(f"call_records {rows:,} calls ({parts:,} row versions)", flush=True)
+        lat = measure(store, tokens, sessions, args.repeat)
         for name, figures in lat.items():
             print(f"{name:30} {orjson.dumps(figures).decode()}")
         size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
@@ -175,6 +205,7 @@ def main() -> None:
             "bench": "audit_store",
             "at": datetime.now(UTC).isoformat(),
             "ingest": ing,
+            "load_average": os.getloadavg(),
             "latency": lat,
             "call_records": rows,
             "call_record_versions": parts,

@@ -12,13 +12,13 @@ Reported, as p50 / p99 over the calls, and the overhead (skillgate minus direct)
 * **TTFB**: request sent → first SSE event (``message_start``) received. Target: p50 overhead
   under 15 ms.
 * **TTFT**: request sent → first ``text_delta`` received. Through skillgate this includes the
-  text hold-back of masking (the first characters are released once the text is longer than the
-  window, or when the block ends).
+  text hold-back of masking: only what could still become a masked value is held (in prose, the
+  unfinished last word), so the first words go out with the first deltas.
 * **Per-chunk overhead**: the stub sends ``--deltas`` text deltas ``--delay-ms`` apart; for each
   delta index, the arrival time through skillgate minus through the stub (median per call, then
-  p50 / p99 over calls). With masking on, this is dominated by the hold-back window, so the
-  run also reports the overhead of the *last* delta, which nothing holds back beyond the end of
-  the block: the pure relay cost.
+  p50 / p99 over calls). With masking on, a character may wait for the rest of its word (the
+  hold-back); the run also reports the overhead of the *last* delta, which nothing holds back
+  beyond the end of the block: the pure relay cost.
 * **Control**: as many non-streamed calls (whole answer) through skillgate minus direct,
   interleaved with the streamed ones on the same stack: the pipeline's own overhead on this machine
   at this moment, against which the streaming figures can be read.

@@ -12,10 +12,11 @@ import contextlib
 import hashlib
 import logging
 import ssl
+from collections.abc import Iterable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.structs import ConsumerRecord
+from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from skillgate import events, topics
 from skillgate.codec import AvroCodec, default_codec
@@ -171,6 +172,55 @@ class DeadLetterer:
                 "offset": record.offset,
             },
         )
+
+
+class OffsetTracker:
+    """Per partition: offsets in flight, and the highest offset seen, for in-order commits.
+
+    For consumers that process many messages at once (the forwarder's calls, the policy's
+    decisions): a partition's offset is committed only up to the oldest message still in flight,
+    so a crash redelivers exactly the unfinished work.
+    """
+
+    def __init__(self) -> None:
+        self._in_flight: dict[TopicPartition, set[int]] = {}
+        self._high: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}
+
+    def start(self, tp: TopicPartition, offset: int) -> None:
+        """Note that ``offset`` is being processed."""
+        self._in_flight.setdefault(tp, set()).add(offset)
+        self._high[tp] = max(self._high.get(tp, -1), offset)
+
+    def finish(self, tp: TopicPartition, offset: int) -> None:
+        """Note that ``offset``'s effect is durable."""
+        self._in_flight.get(tp, set()).discard(offset)
+
+    def in_flight(self, tps: Iterable[TopicPartition] | None = None) -> int:
+        """How many messages are in flight (in ``tps`` or overall)."""
+        keys = self._in_flight.keys() if tps is None else tps
+        return sum(len(self._in_flight.get(tp, ())) for tp in keys)
+
+    def committable(self) -> dict[TopicPartition, int]:
+        """Next offset to commit per partition, where it moved since the last commit."""
+        out: dict[TopicPartition, int] = {}
+        for tp, high in self._high.items():
+            pending = self._in_flight.get(tp)
+            nxt = min(pending) if pending else high + 1
+            if nxt > self._committed.get(tp, -1):
+                out[tp] = nxt
+        return out
+
+    def committed(self, offsets: dict[TopicPartition, int]) -> None:
+        """Record a successful commit."""
+        self._committed.update(offsets)
+
+    def forget(self, tps: Iterable[TopicPartition]) -> None:
+        """Drop state of partitions no longer owned."""
+        for tp in tps:
+            self._in_flight.pop(tp, None)
+            self._high.pop(tp, None)
+            self._committed.pop(tp, None)
 
 
 async def stop_reader(task: asyncio.Task[None] | None, consumer: AIOKafkaConsumer | None) -> None:

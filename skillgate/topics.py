@@ -56,6 +56,12 @@ EVENT_OF_TOPIC: dict[str, str] = {
     DEADLETTER: events.DEAD_LETTER,
 }
 
+#: Kafka header naming what a ``calls.replies`` message carries when it is not a whole answer:
+#: a streamed answer's chunks are tagged ``chunk``, so the recorder skips them without decoding
+#: (the assembled message is recorded from CallCompleted; a stream can be hundreds of chunks).
+KIND_HEADER = "skillgate-kind"
+CHUNK_KIND = b"chunk"
+
 #: Topics the recorder does not store: what they hold is internal working state whose content
 #: reaches the audit store through other events (a held call's request is ApprovalRequested).
 UNRECORDED: frozenset[str] = frozenset({APPROVALS_HELD, RATE_CHECKS})

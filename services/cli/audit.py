@@ -144,8 +144,9 @@ def transcript(doc: Mapping[str, Any]) -> str:
                          f"bundle {entry.get('bundle_version')})")  # fmt: skip
         elif kind == "response":
             usage = entry.get("usage") or {}
+            first = f", first token {entry['first_token_ms']:.0f} ms" if entry.get("first_token_ms") else ""
             lines.append(f"{head} status {entry.get('status')}, {usage.get('input_tokens')} in / "
-                         f"{usage.get('output_tokens')} out, {entry.get('latency_ms')} ms")  # fmt: skip
+                         f"{usage.get('output_tokens')} out, {entry.get('latency_ms')} ms{first}")  # fmt: skip
             lines.extend("    < " + ln for ln in _mark(_text_of(entry.get("body")), masked).splitlines())
         elif kind == "failure":
             lines.append(f"{head} {entry.get('status')} {entry.get('error_type')}: {entry.get('message')}")

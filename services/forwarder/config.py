@@ -71,16 +71,17 @@ class ForwarderSettings(BaseSettings):
     stream_holdback_chars: int = Field(
         256,
         ge=0,
-        description="Streamed answers: how long a value may be before it becomes a match, for the "
-        "detector patterns without an upper bound (most secret formats); the text hold-back window is "
-        "the longest span of the types masked for the call, with those patterns counted at this length. "
-        "Larger is safer, smaller lets text flow sooner.",
+        description="Streamed answers: the text hold-back window for detector patterns whose structure "
+        "cannot be analysed (custom patterns with RE2-only syntax such as `[[:alpha:]]`). Every other "
+        "pattern holds back only the tail that could still become one of its values (in prose, the last "
+        "word), whatever its length.",
     )
     stream_max_hold_chars: int = Field(
         16 * 1024,
         ge=256,
-        description="Streamed answers: the most text held back for one value that is still growing "
-        "at the end of the text; beyond it the value is released masked (bounds memory per stream).",
+        description="Streamed answers: the most text held back at once (a value, or what could still "
+        "become one, such as a PEM block without its end line); beyond it the oldest text is released, "
+        "masked where it holds a value (bounds memory per stream).",
     )
     stream_max_chunk_bytes: int = Field(
         64 * 1024,

@@ -7,8 +7,8 @@ reply partition. Nothing leaves the forwarder before the guard saw it:
 
 * **Text** (``text_delta``) is masked with the types policy chose for the caller
   (``response_mask_upstream``) by a :class:`~skillgate.policy.streaming.StreamTextMasker` per
-  block: a value split across deltas is still found, and only the tail a value could still span
-  is held back, so text keeps flowing.
+  block: a value split across deltas is still found, and only the tail that could still become a
+  value is held back (in prose, the last word), so text keeps flowing.
 * **Tool calls** (``tool_use``, ``server_tool_use``, ``mcp_tool_use`` blocks) are held whole,
   from ``content_block_start`` to ``content_block_stop``, and checked against the bundle's
   ``tool_rules`` with the same function as non-streamed answers
@@ -45,6 +45,7 @@ from typing import Any, Final
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from services.forwarder.approvals import ToolApprovals
 from services.forwarder.guard import (
@@ -53,13 +54,14 @@ from services.forwarder.guard import (
     find_blocked_tools,
     refusal_message,
 )
-from skillgate import events
+from skillgate import events, topics
 from skillgate.codec import AvroCodec, CodecError
 from skillgate.config import KafkaSettings
 from skillgate.errors import new_request_id
 from skillgate.events import CALL_CANCELLED, CALL_REPLY, CallDecided, CallReply, MaskedValue
 from skillgate.kafka import make_consumer, stop_reader
-from skillgate.policy.streaming import StreamTextMasker, holdback_chars
+from skillgate.policy.masking import mask_citation
+from skillgate.policy.streaming import StreamTextMasker
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +185,7 @@ class StreamGuard:
         self._approvals = approvals
         self._types = detectors.types_for(None, mask_upstream) if mask_upstream else frozenset()
         self._session = policy.masker.session(seed)
-        self._holdback = holdback_chars(detectors, self._types, holdback_cap)
+        self._holdback_cap = holdback_cap
         self._max_hold = max_hold
         self._maskers: dict[int, StreamTextMasker] = {}
         self._held: dict[int, _HeldTool] = {}
@@ -197,11 +199,6 @@ class StreamGuard:
         self.error: dict[str, Any] | None = None
         self.stopped = False  # message_stop seen
         self.first_content = False  # a content delta arrived
-
-    @property
-    def holdback(self) -> int:
-        """Characters of text held back while a block streams (0: nothing masked)."""
-        return self._holdback
 
     # -- events ------------------------------------------------------------------------------
 
@@ -262,11 +259,17 @@ class StreamGuard:
                 self._held[index] = _HeldTool(start=data, frames=[ev.raw])
                 return []
         elif btype == "text" and self._types:
+            citations = block.get("citations")
+            if isinstance(citations, list) and citations:
+                masked = [self._mask_citation(c, index, n) for n, c in enumerate(citations)]
+                if any(m is not c for m, c in zip(masked, citations, strict=True)):
+                    changed = {**data, "content_block": {**block, "citations": masked}}
+                    ev = SSEEvent(ev.name, changed, sse_frame("content_block_start", changed))
             self._maskers[index] = StreamTextMasker(
                 self._session,
                 self._policy.masker.detectors,
                 self._types,
-                holdback=self._holdback,
+                cap=self._holdback_cap,
                 max_hold=self._max_hold,
                 location=f"content[{index}].text",
             )
@@ -302,12 +305,29 @@ class StreamGuard:
             citations = block.setdefault("citations", [])
             if isinstance(citations, list):
                 citations.append(delta.get("citation"))
+                masked = self._mask_citation(delta.get("citation"), index, len(citations) - 1)
+                if masked is not delta.get("citation"):
+                    changed = {**data, "delta": {**delta, "citation": masked}}
+                    return [*self._flush_text(index), sse_frame("content_block_delta", changed)]
         held = self._held.get(index)
         if held is not None:
             held.frames.append(ev.raw)
             return []
         # Anything else in a text block comes after the text released so far.
         return [*self._flush_text(index), ev.raw]
+
+    def _mask_citation(self, citation: Any, index: int, number: int) -> Any:
+        """A citation with its quoted text, titles and URL masked as a whole answer's would be
+        (:func:`~skillgate.policy.masking.mask_citation`); itself when nothing changed."""
+        if not self._types:
+            return citation
+        session, types = self._session, self._types
+
+        def mask(text: str, location: str) -> str:
+            result = session.mask_text(text, location=location, types=types)
+            return result.text if result.masked else text
+
+        return mask_citation(citation, f"content[{index}].citations[{number}]", mask)
 
     def _block_stop(self, ev: SSEEvent, data: dict[str, Any]) -> list[bytes]:
         index = int(data.get("index", 0))
@@ -490,6 +510,7 @@ class ChunkRelay:
                             self._codec.encode(CALL_REPLY, reply),
                             key=self._decided["session_id"].encode(),
                             partition=reply_to["partition"],
+                            headers=[(topics.KIND_HEADER, topics.CHUNK_KIND)],
                         )
                     )
                     while len(acks) >= self._in_flight:
@@ -550,8 +571,12 @@ class CancelWatcher:
     """Reads ``calls.cancelled`` (all partitions, no group: every replica sees every message)
     and tells the stream of a cancelled call to stop.
 
-    A cancellation may arrive before its call's stream starts here (policy still deciding);
-    such call ids are remembered for ``remember_seconds`` so the stream stops as it starts.
+    A cancellation may arrive before its call's stream starts here (policy still deciding, or
+    this replica was down or still starting when the caller left): cancellations are
+    remembered for ``remember_seconds``, and :meth:`start` reads those of the last
+    ``remember_seconds`` up to the end of the topic before it returns, so a decision handled
+    after the start sees every cancellation produced before it, and its stream stops (or never
+    starts) as it should.
     """
 
     def __init__(
@@ -578,6 +603,10 @@ class CancelWatcher:
         """The stream of ``call_id`` ended."""
         self._streams.pop(call_id, None)
 
+    def cancelled(self, call_id: str) -> bool:
+        """Whether a cancellation of ``call_id`` was read."""
+        return call_id in self._recent
+
     def cancel(self, call_id: str) -> None:
         """Mark ``call_id`` cancelled (what a ``CallCancelled`` message does)."""
         now = time.monotonic()
@@ -588,21 +617,56 @@ class CancelWatcher:
         if event is not None:
             event.set()
 
-    async def start(self) -> None:
-        """Read every partition of the topic from its end (older cancellations are moot).
+    async def start(self, catch_up_seconds: float = 30.0) -> None:
+        """Read the cancellations of the last ``remember_seconds`` up to the topic's end, then
+        follow it.
 
-        Subscribed without a group: aiokafka then assigns every partition to this consumer, and
-        follows the topic when it is created or grows after this replica started.
+        Why not just "from the end": a caller that left while this replica was down or starting
+        (its call still queued) would be missed, and its call forwarded for nobody. Subscribed
+        without a group, the consumer gets every partition (and those a growing topic adds, read
+        from their start). Catching up is bounded by ``catch_up_seconds``; past it the replica
+        starts anyway (a missed cancellation costs an unneeded upstream call, not a leak) and
+        says so.
         """
-        consumer = make_consumer(self._kafka, None, auto_offset_reset="latest", fetch_max_wait_ms=50)
+        consumer = make_consumer(self._kafka, None, auto_offset_reset="earliest", fetch_max_wait_ms=50)
         await consumer.start()
         consumer.subscribe([self._topic])
         self._consumer = consumer
+        try:
+            await asyncio.wait_for(self._catch_up(), catch_up_seconds)
+        except TimeoutError:
+            log.warning("cancellations not read up to the end in time; following from here")
         self._task = asyncio.create_task(self._run(), name="cancel-watcher")
+
+    async def _catch_up(self) -> None:
+        """Seek every partition to ``remember_seconds`` ago and read up to its end offset."""
+        assert self._consumer is not None
+        consumer = self._consumer
+        while not consumer.assignment():  # the group-less assignment follows the first metadata
+            self._read(await consumer.getmany(timeout_ms=100))
+        tps = sorted(consumer.assignment())
+        since_ms = int((time.time() - self._remember) * 1000)
+        found = await consumer.offsets_for_times(dict.fromkeys(tps, since_ms))
+        ends = await consumer.end_offsets(tps)
+        for tp in tps:
+            offset = found.get(tp)
+            consumer.seek(tp, offset.offset if offset is not None else ends[tp])
+        for tp in tps:
+            while await consumer.position(tp) < ends[tp]:
+                self._read(await consumer.getmany(tp, timeout_ms=500))
 
     async def stop(self) -> None:
         """Stop reading."""
         await stop_reader(self._task, self._consumer)
+
+    def _read(self, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
+        for records in batches.values():
+            for record in records:
+                try:
+                    _, event = self._codec.decode(record.value, expected=CALL_CANCELLED)
+                except CodecError:
+                    continue
+                self.cancel(str(event["call_id"]))
 
     async def _run(self) -> None:
         assert self._consumer is not None
@@ -613,12 +677,6 @@ class CancelWatcher:
                 raise
             except Exception:
                 log.exception("reading cancellations failed; retrying")
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.5)  # retry backoff while Kafka is unreachable
                 continue
-            for records in batches.values():
-                for record in records:
-                    try:
-                        _, event = self._codec.decode(record.value, expected=CALL_CANCELLED)
-                    except CodecError:
-                        continue
-                    self.cancel(str(event["call_id"]))
+            self._read(batches)

@@ -232,6 +232,16 @@ async def _poll_recorded(deps: Deps, call_id: str, token: str | None, deadline: 
     return None
 
 
+async def _disconnected(request: Request) -> None:
+    """Complete when the caller closes its connection (the body was read already, so the
+    server's next message for this request is the disconnect)."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # the server cannot tell: assume the caller is still there
+        await asyncio.Event().wait()  # completes never; cancelled once the stream starts or ends
+
+
 async def sync_call(request: Request, deps: Deps, identity: Identity, path: str) -> Response:
     """Accept a call and hold the caller until its answer arrives (or the sync timeout)."""
     event, _ = await _accept(request, deps, identity, path=path, mode="sync")
@@ -249,7 +259,11 @@ async def sync_call(request: Request, deps: Deps, identity: Identity, path: str)
             approvals_url=deps.settings.approvals_url,
         )
         return await streamer.run(
-            event, lambda: _publish(deps, event), _reply_response, _DROP_RESPONSE_HEADERS
+            event,
+            lambda: _publish(deps, event),
+            _reply_response,
+            _DROP_RESPONSE_HEADERS,
+            disconnected=lambda: _disconnected(request),
         )
     call_id = event["call_id"]
     waiter, reply_to = deps.router.register(call_id)

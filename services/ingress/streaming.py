@@ -15,7 +15,8 @@ While no chunk arrives for ``stream_ping_seconds`` the caller gets a ``ping`` ev
 Messages API's own keep-alive, which the SDKs ignore), so proxies and clients do not time out
 while the model thinks or the forwarder holds a tool call for checking.
 
-If the caller goes away before the ``end`` message, a ``CallCancelled`` event goes to
+If the caller goes away before the ``end`` message (even before the stream began: the ingress
+watches the connection while the call is queued or decided), a ``CallCancelled`` event goes to
 ``calls.cancelled``; the forwarder streaming the call closes its upstream request and records
 the call as ``failed`` (``client_disconnected``). If this replica loses the reply partition in
 a rebalance mid-stream, the caller gets an ``error`` event naming the call id; the call still
@@ -95,18 +96,32 @@ class StreamCall:
         publish: Callable[[], Awaitable[None]],
         as_response: Callable[[CallReply, str], Response],
         drop_headers: frozenset[str],
+        disconnected: Callable[[], Awaitable[None]] | None = None,
     ) -> Response:
-        """Publish ``event`` and answer: a JSON response when no stream began, else SSE."""
+        """Publish ``event`` and answer: a JSON response when no stream began, else SSE.
+
+        ``disconnected`` completes when the caller goes away: if that happens before the stream
+        began (the call still queued or being decided), the call is cancelled at once, so the
+        forwarder does not start it for nobody. A call held for approval is not cancelled (once
+        approved it runs, and the requester fetches the result with ``x-skillgate-approval``).
+        """
         call_id = event["call_id"]
         waiter, reply_to = self.router.register(call_id)
         event["reply_to"] = reply_to
         streaming = False
+        gone = asyncio.ensure_future(disconnected()) if disconnected is not None else None
         try:
             await publish()
-            first = await self._first(waiter)
+            first = await self._first(waiter, gone=gone)
+            if first is None and gone is not None and gone.done():
+                self._cancel(event, 0, "client_disconnected")
+                STREAM_OUTCOMES.labels("disconnected").inc()
+                raise GatewayError(499, f"the caller of call {call_id} went away; it was cancelled")
             pending: dict[str, Any] | None = None
             while first is not None and first["kind"] == "approval_pending":
                 # Held for a human: the stream starts once approved, if within the approval wait.
+                # A caller leaving now does not cancel: once approved, the call runs and a retry
+                # with x-skillgate-approval returns its recorded result.
                 pending = orjson.loads(first["body"])
                 first = await self._first(waiter, self.approval_wait)
             if first is None and pending is not None and not waiter.orphaned.is_set():
@@ -146,17 +161,21 @@ class StreamCall:
                 media_type=headers.pop("content-type", "text/event-stream"),
             )
         finally:
+            if gone is not None:
+                gone.cancel()  # the streaming response watches for the disconnect itself
             if not streaming:
                 self.router.unregister(call_id)
 
-    async def _first(self, waiter: Waiter, within: float | None = None) -> CallReply | None:
-        """The first reply, or ``None`` on timeout (``within``, default the first-reply timeout)
-        or when the reply partition moved away."""
+    async def _first(
+        self, waiter: Waiter, within: float | None = None, gone: asyncio.Future[None] | None = None
+    ) -> CallReply | None:
+        """The first reply, or ``None`` on timeout (``within``, default the first-reply timeout),
+        when the reply partition moved away, or when the caller went away (``gone``)."""
         get = asyncio.ensure_future(waiter.queue.get())
         orphan = asyncio.ensure_future(waiter.orphaned.wait())
         try:
             done, _ = await asyncio.wait(
-                {get, orphan},
+                {get, orphan} if gone is None else {get, orphan, gone},
                 timeout=self.first_reply_timeout if within is None else within,
                 return_when=asyncio.FIRST_COMPLETED,
             )

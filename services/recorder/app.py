@@ -91,7 +91,9 @@ async def serve(
     fingerprint_key = await asyncio.to_thread(_fingerprint_key, common)
     retention = retention or RetentionSettings()
     checkpoint_key = chain.checkpoint_key(settings, fingerprint_key)
-    store = await asyncio.to_thread(AuditStore, clickhouse, common.data_dir, checkpoint_key)
+    store = await asyncio.to_thread(
+        AuditStore, clickhouse, common.data_dir, checkpoint_key, settings.fold_cache_mb * 1024 * 1024
+    )
     verifier: TokenVerifier | None = None
     consumer: RecorderConsumer | None = None
     loop = asyncio.get_running_loop()

@@ -121,6 +121,13 @@ class RecorderSettings(BaseSettings):
         description="Insert at the latest this long after the first buffered event: bounds how "
         "stale the audit store and async call state can be.",
     )
+    fold_cache_mb: int = Field(
+        default=64,
+        ge=1,
+        description="Memory (MB, counted by masked body size) for the folded state of recently "
+        "recorded calls: a call's next event extends it in memory instead of reading the call "
+        "back from ClickHouse. Calls evicted, or with events another replica stored, are read back.",
+    )
     retry_max_backoff_seconds: float = Field(
         default=30.0,
         gt=0,

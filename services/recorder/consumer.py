@@ -65,10 +65,12 @@ INSERT_SECONDS = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 INSERT_FAILURES = Counter("skillgate_recorder_insert_failures_total", "Failed insert attempts (retried)")
+#: Record-lag buckets fine enough around the 2 s objective (issue 6) to tell which side it is on.
+LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0)
 RECORD_LAG = Histogram(
     "skillgate_recorder_record_lag_seconds",
     "Seconds from an event's time to its insert into the audit store",
-    buckets=LATENCY_BUCKETS,
+    buckets=LAG_BUCKETS,
 )
 LAST_LAG = Gauge(
     "skillgate_recorder_last_record_lag_seconds",
@@ -234,6 +236,8 @@ class RecorderConsumer:
             consumed[suffix] = consumed.get(suffix, 0) + 1
             if message.value is None:
                 continue  # a tombstone on a compacted topic: no event to record
+            if (topics.KIND_HEADER, topics.CHUNK_KIND) in (message.headers or ()):
+                continue  # a chunk of a streamed answer: CallCompleted records the whole message
             try:
                 name, event = self._codec.decode(message.value, topics.EVENT_OF_TOPIC.get(suffix))
             except CodecError as exc:

@@ -92,6 +92,7 @@ CALL_PART_COLUMNS: tuple[str, ...] = (
     "masked_fingerprints",
     "blocked_tools",
     "response_mask",
+    "first_token_ms",
 )
 
 # Neutral values of the tuple columns: they sort before any real value, so `max` ignores them.
@@ -137,13 +138,13 @@ def payload_json(event: Mapping[str, Any]) -> str:
     Dropping every top-level ``bytes`` value (rather than naming the body fields) means a bytes
     field added to a schema later is kept out of the store by default.
     """
-    out: dict[str, Any] = {}
-    for key, value in event.items():
-        if isinstance(value, bytes | bytearray | memoryview):
-            out[f"{key}_bytes"] = len(value)
-        else:
-            out[key] = value
-    return orjson.dumps(out, option=orjson.OPT_NON_STR_KEYS).decode()
+    sizes = {f"{key}_bytes": len(value) for key, value in event.items() if isinstance(value, _BINARY)}
+    if sizes:
+        event = {key: value for key, value in event.items() if not isinstance(value, _BINARY)} | sizes
+    return orjson.dumps(event, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+_BINARY = (bytes, bytearray, memoryview)
 
 
 @lru_cache(maxsize=65536)
@@ -309,6 +310,7 @@ def call_part_row(record: SourceRecord) -> list[Any] | None:
     masked_fps: list[str] = []
     blocked_tools: list[tuple[str, ...]] = []
     response_mask: tuple[Any, ...] = NO_RESPONSE_MASK
+    first_token_ms: float | None = None
 
     if kind == ev.CALL_SUBMITTED:
         ident, request = _ident(3, event), _request(2, event)
@@ -352,6 +354,7 @@ def call_part_row(record: SourceRecord) -> list[Any] | None:
         if completed:
             masked_types, masked_fps = _masked(event.get("masked"))
             blocked_tools = _blocked_tools(event.get("blocked_tools"))
+            first_token_ms = event.get("first_token_ms")
     elif kind == ev.APPROVAL_REQUESTED:
         state = _state("pending_approval", 1, at, None)
     elif kind == ev.APPROVAL_DECIDED:
@@ -397,6 +400,7 @@ def call_part_row(record: SourceRecord) -> list[Any] | None:
         masked_fps,
         blocked_tools,
         response_mask,
+        first_token_ms,
     ]
 
 

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import gc
+
 import uvloop
 
 from services.recorder.app import serve
 from skillgate import logs
 from skillgate.config import CommonSettings
+
+
+def tune_gc() -> None:
+    """Fewer, cheaper garbage collections for a process that builds rows in batches.
+
+    Each batch allocates hundreds of thousands of short-lived objects; with CPython's default
+    young-generation threshold (700 allocations) the collector ran hundreds of times per batch,
+    each time walking every young object. ``gc.freeze`` moves everything alive at start (modules,
+    settings) out of the collector's sight for good.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 def run() -> None:
@@ -17,6 +31,7 @@ def run() -> None:
     """
     common = CommonSettings()
     logs.setup("recorder", common.log_level)
+    tune_gc()
     uvloop.run(serve(common=common))
 
 

@@ -1,8 +1,12 @@
 """The wide ``call_records`` row of a call: what search, replay, export and usage views read.
 
-Pure functions (no I/O): the store reads the folded ``calls`` view for the calls a batch
-touched, and this module adds what only the masked bodies tell (skills, tools, conversation
-hashes) and lays the row out in :data:`CALL_RECORD_COLUMNS` order.
+Pure functions (no I/O). Each event of a call becomes a ``call_parts`` row (see
+:mod:`.handlers`); :class:`CallFold` folds those rows in Python with exactly the ``max``/``min``/
+union the ``calls`` view applies in ClickHouse, so the recorder builds the wide row from the
+batch it is inserting (and the folds of recent calls it keeps) instead of reading the folded
+state back from ClickHouse for every batch. :func:`record_row` then adds what only the masked
+bodies tell (skills, tools, conversation hashes) and lays the row out in
+:data:`CALL_RECORD_COLUMNS` order.
 
 Sessions: a caller may name its session (``x-skillgate-session``); otherwise the ingress uses
 the call id. Here a call without a named session whose messages extend an earlier call's
@@ -15,11 +19,18 @@ way in every turn, and include the caller's subject, so two users' identical pro
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
+
+import orjson
+import re2
+
+from services.recorder import handlers
 
 #: Columns of ``call_records`` in the order :func:`record_row` fills them.
 CALL_RECORD_COLUMNS: tuple[str, ...] = (
@@ -64,105 +75,10 @@ CALL_RECORD_COLUMNS: tuple[str, ...] = (
     "masked_types",
     "masked_fingerprints",
     "blocked_tools",
+    "first_token_ms",
     "counted",
     "version",
 )
-
-#: Expressions over a ``calls`` row, shared by the two statements that build ``call_records``.
-#: Hashes are sipHash128 over the raw JSON text of the messages (a client resends a conversation
-#: byte for byte, and the masked record masks the same values the same way each turn).
-_EXPRESSIONS = r"""
-    JSONExtractArrayRaw(ifNull(request_body, ''), 'messages') AS _msgs,
-    concat(ifNull(subject, ''), '\x1f', JSONExtractRaw(ifNull(request_body, ''), 'system')) AS _head
-"""
-HASHES_SELECT = (
-    "SELECT call_id, session_id, state, toUnixTimestamp64Micro(coalesce(submitted_at, first_event_at)) AS at_us, "
-    "if(empty(_msgs), '', lower(hex(sipHash128(_head, arrayStringConcat(_msgs, '\\x1e'))))) AS conversation_hash, "
-    "if(length(_msgs) >= 3 AND JSONExtractString(_msgs[-2], 'role') = 'assistant', "
-    "lower(hex(sipHash128(_head, arrayStringConcat(arraySlice(_msgs, 1, length(_msgs) - 2), '\\x1e')))), '') "
-    "AS parent_hash"
-)
-#: The ``call_records`` columns computed in SQL from a ``calls`` row joined with ``m_*`` (session
-#: id, session source, counted, time ms: resolved in Python) and ``{version:UInt64}``: the bodies
-#: never travel to Python and back.
-RECORD_SELECT = """
-    call_id,
-    fromUnixTimestamp64Milli(m_time, 'UTC') AS time,
-    m_session AS session_id,
-    m_source AS session_source,
-    if(empty(_msgs), '', lower(hex(sipHash128(_head, arrayStringConcat(_msgs, '\\x1e'))))) AS conversation_hash,
-    if(length(_msgs) >= 3 AND JSONExtractString(_msgs[-2], 'role') = 'assistant',
-        lower(hex(sipHash128(_head, arrayStringConcat(arraySlice(_msgs, 1, length(_msgs) - 2), '\\x1e')))), '')
-        AS parent_hash,
-    ifNull(subject, '') AS subject,
-    ifNull(issuer, '') AS issuer,
-    username,
-    email,
-    groups,
-    client_id,
-    ifNull(model, '') AS model,
-    arraySort(arrayDistinct(arrayFilter(x -> x != '', arrayMap(x -> JSONExtractString(x, 'skill_id'),
-        JSONExtractArrayRaw(ifNull(request_body, ''), 'container', 'skills'))))) AS skills,
-    arraySort(arrayDistinct(arrayFilter(x -> x != '', arrayConcat(
-        arrayMap(x -> JSONExtractString(x, 'name'), JSONExtractArrayRaw(ifNull(request_body, ''), 'tools')),
-        arrayMap(x -> if(JSONExtractString(x, 'type') IN ('tool_use', 'server_tool_use'),
-            JSONExtractString(x, 'name'), ''), JSONExtractArrayRaw(ifNull(response_body, ''), 'content')),
-        extractAll(ifNull(response_body, ''), '"type": *"(?:server_)?tool_use"[^}]*?"name": *"([^"]+)"'))))) AS tools,
-    ifNull(mode, '') AS mode,
-    ifNull(stream, false) AS stream,
-    ifNull(path, '') AS path,
-    state,
-    ifNull(decision, '') AS decision,
-    ifNull(reason, '') AS reason,
-    rule_ids,
-    tags,
-    ifNull(bundle_version, '') AS bundle_version,
-    ifNull(approval_id, '') AS approval_id,
-    approval_decisions,
-    status,
-    input_tokens,
-    output_tokens,
-    latency_ms,
-    total_ms,
-    stop_reason,
-    error_type,
-    error_message,
-    submitted_at,
-    completed_at,
-    ifNull(request_body, '') AS request_body,
-    ifNull(response_body, '') AS response_body,
-    masked_types,
-    masked_fingerprints,
-    toUInt16(length(blocked_tools)) AS blocked_tools,
-    m_counted AS counted,
-    {version:UInt64} AS version
-"""
-
-
-def hashes_query(database: str) -> str:
-    """Conversation hashes of the calls named by the JSON array parameter ``ids``."""
-    return (
-        f"WITH {_EXPRESSIONS} {HASHES_SELECT} FROM {database}.calls "
-        "WHERE call_id IN (SELECT arrayJoin(JSONExtract({ids:String}, 'Array(String)')))"
-    )
-
-
-def insert_query(database: str) -> str:
-    """``INSERT ... SELECT`` of the ``call_records`` rows of the calls in the ``m`` parameter.
-
-    ``m`` is a JSON array of [call id, session id, session source, counted, time ms]; it is
-    joined (a hash join: a Map lookup per row would be linear in the batch size).
-    """
-    return (
-        f"INSERT INTO {database}.call_records ({', '.join(CALL_RECORD_COLUMNS)}) "  # noqa: S608
-        f"WITH {_EXPRESSIONS} SELECT {RECORD_SELECT} FROM {database}.calls "
-        "INNER JOIN (SELECT tupleElement(x, 1) AS m_call_id, tupleElement(x, 2) AS m_session, "
-        "tupleElement(x, 3) AS m_source, tupleElement(x, 4) AS m_counted, tupleElement(x, 5) AS m_time "
-        "FROM (SELECT arrayJoin(JSONExtract({m:String}, 'Array(Tuple(String, String, String, UInt8, Int64))')) AS x)) "
-        "AS m ON call_id = m.m_call_id "
-        "WHERE call_id IN (SELECT arrayJoin(JSONExtract({ids:String}, 'Array(String)')))"
-    )
-
 
 #: States that end a call: the first call_records version in one of them is the one the usage
 #: views count.
@@ -186,6 +102,11 @@ def call_time_ms(call_id: str, fallback_us: int | None) -> int:
 
     The id's time never changes between versions of a row, which the replacing key needs.
     """
+    if len(call_id) == 36 and call_id[14] == "7":  # the common case, without building a UUID
+        try:
+            return int(call_id[:8] + call_id[9:13], 16)
+        except ValueError:
+            pass
     try:
         parsed = uuid.UUID(call_id)
     except ValueError:
@@ -232,3 +153,318 @@ def resolve_sessions(
         if fact.conversation_hash:
             table.setdefault(fact.conversation_hash, session[0])
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Folding call_parts rows in Python
+
+# Positions in a call_parts row (handlers.CALL_PART_COLUMNS) and in its tuples.
+(_P_CALL, _P_MONTH, _P_SESSION, _P_IDENT, _P_REQUEST, _P_SUBMITTED, _P_FIRST, _P_LAST, _P_DECIDED,
+ _P_STATE, _P_TERMINAL, _P_APPROVAL, _P_DECISIONS, _P_TYPES, _P_FPS, _P_BLOCKED, _P_MASK,
+ _P_TTFT) = range(18)  # fmt: skip
+_ID_SUBJECT, _ID_ISSUER, _ID_USERNAME, _ID_EMAIL, _ID_GROUPS, _ID_CLIENT = range(1, 7)
+_RQ_MODEL, _RQ_MODE, _RQ_STREAM, _RQ_PATH = 1, 2, 3, 5
+_DC_AT, _DC_DECISION, _DC_REASON, _DC_RULES, _DC_TAGS, _DC_BUNDLE = range(6)
+_DC_ERROR_TYPE, _DC_BODY = 8, 9
+_ST_RANK, _ST_AT, _ST_NAME, _ST_STATUS = 0, 2, 3, 4
+_TM_BODY, _TM_ERROR_TYPE, _TM_ERROR_MESSAGE = 4, 5, 6
+_TM_IN, _TM_OUT, _TM_LATENCY, _TM_STOP, _TM_MODEL = 10, 11, 12, 14, 15
+#: Where a call_parts tuple keeps its DateTime64 values (converted when read back from the store).
+_TIME_FIELDS = {_P_DECIDED: (_DC_AT,), _P_STATE: (_ST_AT,), _P_TERMINAL: (1,), _P_MASK: (0,)}
+
+
+def _tuple_key(value: Sequence[Any]) -> tuple[Any, ...]:
+    # ClickHouse compares tuples element by element; None (NULL) sorts first here. Only copies
+    # of the same event ever tie on the leading rank/time, so NULL order never picks a winner.
+    return tuple((0, 0) if v is None else (1, v) for v in value)
+
+
+def _greater(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    if a[0] != b[0]:
+        return bool(a[0] > b[0])
+    if a == b:
+        return False
+    return _tuple_key(a) > _tuple_key(b)
+
+
+@dataclass(slots=True)
+class CallFold:
+    """The ``call_parts`` rows of one call folded like the ``calls`` view folds them.
+
+    ``max`` of each tuple, ``min``/``max`` of the times, unions of the arrays: folding a row twice,
+    or in any order, gives the same fold, as in ClickHouse. Besides the fold, what the recorder
+    learned writing the call: whether a terminal version is already in ``call_records`` (the
+    usage views count that version), and the conversation hashes of the request body.
+    """
+
+    call_id: str
+    session_id: str = ""
+    ident: tuple[Any, ...] = handlers.NO_IDENT
+    request: tuple[Any, ...] = handlers.NO_REQUEST
+    submitted_at: int | None = None
+    first_event_at: int | None = None
+    last_event_at: int = 0
+    decided: tuple[Any, ...] = handlers.NO_DECISION
+    state: tuple[Any, ...] = handlers.NO_STATE
+    terminal: tuple[Any, ...] = handlers.NO_TERMINAL
+    approval_id: str | None = None
+    approval_decisions: set[str] = field(default_factory=set)
+    masked_types: set[str] = field(default_factory=set)
+    masked_fingerprints: set[str] = field(default_factory=set)
+    blocked_tools: set[tuple[str, ...]] = field(default_factory=set)
+    response_mask: tuple[Any, ...] = handlers.NO_RESPONSE_MASK
+    first_token_ms: float | None = None
+    #: True once a version in a terminal state was written to call_records.
+    recorded_terminal: bool = False
+    #: Ids of the stored events of the call this fold has seen (all of them, or it is stale).
+    event_ids: set[str] = field(default_factory=set)
+    _hashes: tuple[str, Hashes] | None = None
+
+    def add(self, part: Sequence[Any]) -> bool:
+        """Fold one ``call_parts`` row in; True when the fold changed."""
+        before = self.signature()
+        if part[_P_SESSION] > self.session_id:
+            self.session_id = part[_P_SESSION]
+        for attr, index in (("ident", _P_IDENT), ("request", _P_REQUEST), ("decided", _P_DECIDED),
+                            ("state", _P_STATE), ("terminal", _P_TERMINAL), ("response_mask", _P_MASK)):  # fmt: skip
+            if _greater(part[index], getattr(self, attr)):
+                setattr(self, attr, tuple(part[index]))
+        submitted = part[_P_SUBMITTED]
+        if submitted is not None and (self.submitted_at is None or submitted < self.submitted_at):
+            self.submitted_at = submitted
+        if self.first_event_at is None or part[_P_FIRST] < self.first_event_at:
+            self.first_event_at = part[_P_FIRST]
+        self.last_event_at = max(self.last_event_at, part[_P_LAST])
+        approval = part[_P_APPROVAL]
+        if approval is not None and (self.approval_id is None or approval > self.approval_id):
+            self.approval_id = approval
+        self.approval_decisions.update(part[_P_DECISIONS])
+        self.masked_types.update(part[_P_TYPES])
+        self.masked_fingerprints.update(part[_P_FPS])
+        self.blocked_tools.update(tuple(b) for b in part[_P_BLOCKED])
+        ttft = part[_P_TTFT] if len(part) > _P_TTFT else None
+        if ttft is not None and (self.first_token_ms is None or ttft > self.first_token_ms):
+            self.first_token_ms = ttft
+        return self.signature() != before
+
+    def signature(self) -> tuple[Any, ...]:
+        """What :func:`record_row` reads of the fold, to tell whether an event changed it."""
+        return (
+            self.session_id, self.ident, self.request, self.submitted_at, self.decided, self.state,
+            self.terminal, self.approval_id, len(self.approval_decisions), len(self.masked_types),
+            len(self.masked_fingerprints), len(self.blocked_tools), self.first_token_ms,
+        )  # fmt: skip
+
+    @property
+    def terminal_state(self) -> bool:
+        """True once the call reached a terminal state (rank >= handlers.TERMINAL_RANK)."""
+        return int(self.state[_ST_RANK]) >= handlers.TERMINAL_RANK
+
+    @property
+    def request_body(self) -> str:
+        """The masked request as recorded ('' until the decision is known)."""
+        return str(self.decided[_DC_BODY] or "")
+
+    @property
+    def subject(self) -> str:
+        """OIDC subject of the caller ('' when no event named one)."""
+        return str(self.ident[_ID_SUBJECT] or "")
+
+    def hashes(self) -> Hashes:
+        """Conversation hashes of the request body (computed once per body)."""
+        body = self.request_body
+        if self._hashes is None or self._hashes[0] != body:
+            self._hashes = (body, conversation_hashes(self.subject, body))
+        return self._hashes[1]
+
+    def time_ms(self) -> int:
+        """The call's time for ``call_records.time`` (the UUIDv7 call id's timestamp)."""
+        fallback = self.submitted_at if self.submitted_at is not None else self.first_event_at
+        return call_time_ms(self.call_id, fallback)
+
+
+def _micros(value: Any) -> Any:
+    if isinstance(value, datetime):
+        aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        delta = aware - datetime(1970, 1, 1, tzinfo=UTC)
+        return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return value
+
+
+def _plain(value: Any) -> Any:
+    # clickhouse-connect returns named tuples as dicts.
+    return tuple(value.values()) if isinstance(value, dict) else value
+
+
+#: ``SELECT`` list that reads a call's fold back from call_parts, in CALL_PART_COLUMNS order.
+FOLD_SELECT = (
+    "call_id, any(call_month), max(session_id), max(ident), max(request), min(submitted_at), "
+    "min(first_event_at), max(last_event_at), max(decided), max(state), max(terminal), "
+    "max(approval_id), groupUniqArrayArray(approval_decisions), groupUniqArrayArray(masked_types), "
+    "groupUniqArrayArray(masked_fingerprints), groupUniqArrayArray(blocked_tools), "
+    "max(response_mask), max(first_token_ms)"
+)
+
+
+def fold_from_store(row: Sequence[Any]) -> CallFold:
+    """A :class:`CallFold` from a row of ``SELECT {FOLD_SELECT} ... GROUP BY call_id``."""
+    part = [_plain(v) for v in row]
+    for index in (_P_SUBMITTED, _P_FIRST, _P_LAST):
+        part[index] = _micros(part[index])
+    for index, positions in _TIME_FIELDS.items():
+        values = list(part[index])
+        for pos in positions:
+            values[pos] = _micros(values[pos])
+        part[index] = tuple(values)
+    part[_P_BLOCKED] = [_plain(b) for b in part[_P_BLOCKED]]
+    fold = CallFold(str(part[_P_CALL]))
+    fold.add(part)
+    return fold
+
+
+# ---------------------------------------------------------------------------------------------
+# What the masked bodies tell
+
+#: A tool_use block in a body that is not one JSON document (e.g. a recorded SSE stream).
+_TOOL_USE = re2.compile(r'"type": *"(?:server_)?tool_use"[^}]*?"name": *"([^"]+)"')
+
+
+def _json(body: str) -> Any:
+    if not body:
+        return None
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _hash(head: bytes, messages: Sequence[bytes]) -> str:
+    return hashlib.blake2b(head + b"\x1d" + b"\x1e".join(messages), digest_size=16).hexdigest()
+
+
+def conversation_hashes(subject: str, request_body: str) -> Hashes:
+    """Hashes of a request's conversation and of the conversation it extends (see module doc).
+
+    Each message is re-encoded by orjson, so the same message hashes the same however the
+    client spaced its JSON; the caller's subject and the system prompt are part of the hash.
+    """
+    doc = _json(request_body)
+    messages = doc.get("messages") if isinstance(doc, dict) else None
+    if not isinstance(messages, list) or not messages:
+        return Hashes("", "")
+    system = orjson.dumps(doc["system"]) if "system" in doc else b""
+    head = subject.encode() + b"\x1f" + system
+    raw = [orjson.dumps(m) for m in messages]
+    parent = ""
+    previous = messages[-2] if len(messages) >= 3 else None
+    if isinstance(previous, dict) and previous.get("role") == "assistant":
+        parent = _hash(head, raw[:-2])
+    return Hashes(_hash(head, raw), parent)
+
+
+def _names(items: Any, key: str, types: frozenset[str] | None = None) -> list[str]:
+    if not isinstance(items, list):
+        return []
+    return [
+        str(item.get(key))
+        for item in items
+        if isinstance(item, dict) and item.get(key) and (types is None or item.get("type") in types)
+    ]
+
+
+_TOOL_USE_TYPES = frozenset({"tool_use", "server_tool_use"})
+
+
+def skills_and_tools(request_body: str, response_body: str) -> tuple[list[str], list[str]]:
+    """Claude Skills the request named, and tools it declared or the response used (sorted)."""
+    request = _json(request_body)
+    skills: list[str] = []
+    tools: list[str] = []
+    if isinstance(request, dict):
+        container = request.get("container")
+        if isinstance(container, dict):
+            skills = _names(container.get("skills"), "skill_id")
+        tools = _names(request.get("tools"), "name")
+    response = _json(response_body)
+    if isinstance(response, dict):
+        tools += _names(response.get("content"), "name", _TOOL_USE_TYPES)
+    elif response_body:
+        tools += _TOOL_USE.findall(response_body)
+    return sorted(set(skills)), sorted(set(tools))
+
+
+def _coalesce(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def record_row(fold: CallFold, session: tuple[str, str], counted: bool, version: int) -> list[Any]:
+    """The ``call_records`` row of a fold, in :data:`CALL_RECORD_COLUMNS` order.
+
+    Mirrors the ``calls`` view's columns (migrations 0001/0002) plus skills, tools, hashes and
+    the resolved session. Times are integer ticks (ms for ``time``, µs for the others).
+    """
+    ident, request, decided, state, terminal = (
+        fold.ident,
+        fold.request,
+        fold.decided,
+        fold.state,
+        fold.terminal,
+    )
+    decided_known = int(decided[_DC_AT]) > 0
+    ended = fold.terminal_state
+    refused = state[_ST_NAME] in ("denied", "rate_limited")
+    hashes = fold.hashes()
+    request_body = fold.request_body
+    response_body = str(terminal[_TM_BODY] or "")
+    skills, tools = skills_and_tools(request_body, response_body)
+    total_ms = None
+    if ended and fold.submitted_at is not None:
+        total_ms = (int(state[_ST_AT]) - fold.submitted_at) / 1000.0
+    error_type = _coalesce(terminal[_TM_ERROR_TYPE], decided[_DC_ERROR_TYPE] if refused else None)
+    error_message = _coalesce(terminal[_TM_ERROR_MESSAGE], decided[_DC_REASON] if refused else None)
+    return [
+        fold.call_id,
+        fold.time_ms(),
+        session[0],
+        session[1],
+        hashes.conversation_hash,
+        hashes.parent_hash,
+        fold.subject,
+        str(ident[_ID_ISSUER] or ""),
+        ident[_ID_USERNAME],
+        ident[_ID_EMAIL],
+        list(ident[_ID_GROUPS] or []),
+        ident[_ID_CLIENT],
+        str(_coalesce(request[_RQ_MODEL], terminal[_TM_MODEL], "")),
+        skills,
+        tools,
+        str(request[_RQ_MODE] or ""),
+        bool(request[_RQ_STREAM]),
+        str(request[_RQ_PATH] or ""),
+        "unknown" if int(state[_ST_RANK]) == 0 else str(state[_ST_NAME]),
+        str(decided[_DC_DECISION]) if decided_known else "",
+        str(decided[_DC_REASON]) if decided_known else "",
+        list(decided[_DC_RULES] or []),
+        list(decided[_DC_TAGS] or []),
+        str(decided[_DC_BUNDLE] or ""),
+        fold.approval_id or "",
+        sorted(fold.approval_decisions),
+        state[_ST_STATUS] if ended else None,
+        terminal[_TM_IN],
+        terminal[_TM_OUT],
+        terminal[_TM_LATENCY],
+        total_ms,
+        terminal[_TM_STOP],
+        error_type,
+        error_message,
+        fold.submitted_at,
+        int(state[_ST_AT]) if ended else None,
+        request_body,
+        response_body,
+        sorted(fold.masked_types),
+        sorted(fold.masked_fingerprints),
+        len(fold.blocked_tools),
+        fold.first_token_ms,
+        1 if counted else 0,
+        version,
+    ]

@@ -22,7 +22,7 @@ from services.recorder.records import query_tokens
 SEARCH_COLUMNS = (
     "call_id, time, session_id, session_source, subject, username, groups, model, skills, tools, "
     "state, decision, reason, rule_ids, bundle_version, approval_id, status, input_tokens, "
-    "output_tokens, latency_ms, total_ms, stop_reason, error_type, masked_types, "
+    "output_tokens, latency_ms, total_ms, first_token_ms, stop_reason, error_type, masked_types, "
     "substring(request_body, 1, 200) AS request_excerpt, substring(response_body, 1, 200) AS response_excerpt"
 )
 #: Export formats and the ClickHouse output format of each.

@@ -16,18 +16,20 @@ import logging
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import clickhouse_connect
 import orjson
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
+from clickhouse_connect.driver.insert import InsertContext
 
 from services.recorder import chain, handlers, records
 from services.recorder.config import ClickHouseSettings, RetentionSettings
@@ -35,8 +37,13 @@ from services.recorder.search import EXPORT_FORMATS, SEARCH_COLUMNS, CallSearch,
 
 log = logging.getLogger(__name__)
 
+K = TypeVar("K")
+V = TypeVar("V")
+
 MIGRATION_FILE = re.compile(r"^(\d{4})_[A-Za-z0-9_]+\.sql$")
 MAX_QUERY_CHARS = 100_000
+#: The migration after which calls recorded before ``call_records`` existed get their rows.
+BACKFILL_AFTER = 4
 MAX_RESULT_BYTES = 256 * 1024 * 1024
 
 
@@ -283,6 +290,49 @@ class InsertStats:
         self.rejected.extend(other.rejected)
 
 
+class _Bounded(Generic[K, V]):
+    """A least-recently-used map bounded by the total weight of its values."""
+
+    def __init__(self, max_weight: int, weigh: Callable[[V], int]) -> None:
+        self._items: OrderedDict[K, tuple[V, int]] = OrderedDict()
+        self._max = max_weight
+        self._weigh = weigh
+        self.weight = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: K) -> V | None:
+        """The value of ``key`` (now the most recently used), or None."""
+        item = self._items.get(key)
+        if item is None:
+            return None
+        self._items.move_to_end(key)
+        return item[0]
+
+    def put(self, key: K, value: V) -> None:
+        """Keep ``value`` under ``key``, evicting the least recently used beyond the bound."""
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.weight -= old[1]
+        weight = self._weigh(value)
+        self._items[key] = (value, weight)
+        self.weight += weight
+        while self.weight > self._max and self._items:
+            _, (_, evicted) = self._items.popitem(last=False)
+            self.weight -= evicted
+
+    def clear(self) -> None:
+        """Forget everything."""
+        self._items.clear()
+        self.weight = 0
+
+
+def _fold_weight(fold: records.CallFold) -> int:
+    # The bodies dominate; the rest of a fold is a few hundred bytes.
+    return len(fold.request_body) + len(str(fold.terminal[4] or "")) + 1024
+
+
 def _aware(value: Any) -> Any:
     # clickhouse-connect returns UTC DateTime64 values as naive datetimes (its naive_utc mode).
     if isinstance(value, datetime) and value.tzinfo is None:
@@ -296,6 +346,25 @@ class _Guarded:
     def __init__(self, client: Client) -> None:
         self.client = client
         self.lock = threading.Lock()
+        #: Insert contexts (a table's column types) made once per table, see :meth:`insert_rows`.
+        self._contexts: dict[tuple[str, tuple[str, ...]], InsertContext] = {}
+
+    def insert_rows(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
+        """Insert rows column-oriented (the C-level transpose beats clickhouse-connect's own).
+
+        Hold :attr:`lock`. The insert context is made once per table: without it every insert
+        first asks ClickHouse to DESCRIBE the table, a round trip per table per batch that
+        dominated small batches.
+        """
+        key = (table, tuple(columns))
+        context = self._contexts.get(key)
+        if context is None:
+            context = self.client.create_insert_context(
+                table, column_names=list(columns), column_oriented=True
+            )
+            self._contexts[key] = context
+        context.data = [list(column) for column in zip(*rows, strict=True)]
+        self.client.insert(context=context)
 
 
 class AuditStore:
@@ -306,8 +375,14 @@ class AuditStore:
         settings: ClickHouseSettings,
         data_dir: Path = Path("data"),
         checkpoint_key: bytes | None = None,
+        fold_cache_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.settings = settings
+        #: Folds of the calls written recently (see _write_call_records), bounded by body size.
+        self._folds: _Bounded[str, records.CallFold] = _Bounded(fold_cache_bytes, _fold_weight)
+        #: Conversation hash -> resolved session of recently written calls (~200 bytes each).
+        self._conversations: _Bounded[str, str] = _Bounded(max(1, fold_cache_bytes // 4), lambda _: 200)
+        self._forget = False
         #: HMAC key of the tamper-evidence checkpoints; None: batches are not sealed.
         self._checkpoint_key = checkpoint_key
         self.database = settings.database
@@ -389,6 +464,7 @@ class AuditStore:
 
         ``schema_migrations`` records each applied version with the file's checksum; a file
         that changed after it was applied stops the recorder (add a new migration instead).
+        Applying 0004 also writes the ``call_records`` rows of calls older than 0003.
         """
         todo = list(migrations) if migrations is not None else load_migrations()
         db = self.database
@@ -421,6 +497,10 @@ class AuditStore:
                     continue
                 for statement in statements_of(migration):
                     client.command(statement)
+                if migration.version == BACKFILL_AFTER:
+                    # Before the migration counts as applied: a crash here runs it again.
+                    count = self._backfill_call_records(client)
+                    log.info("backfilled call_records", extra={"calls": count})
                 client.insert(
                     f"{db}.schema_migrations",
                     [[migration.version, migration.name, migration.checksum]],
@@ -435,6 +515,29 @@ class AuditStore:
         # Every table function this server knows is denied to analysts unless known to be safe.
         self._denied_functions = BASE_DENIED_FUNCTIONS | {str(n) for (n,) in names}
         return applied_now
+
+    def _backfill_call_records(self, client: Client, chunk: int = 5000) -> int:
+        """Write ``call_records`` for the calls stored before migration 0003 created the table.
+
+        Walks ``call_parts`` in call id order, a chunk at a time, and folds every call that has
+        no ``call_records`` row yet; a second run finds nothing left to do.
+        """
+        db = self.database
+        after, total = "", 0
+        while True:
+            result = client.query(
+                f"SELECT DISTINCT call_id FROM {db}.call_parts WHERE call_id > {{after:String}} "  # noqa: S608
+                f"AND call_id NOT IN (SELECT call_id FROM {db}.call_records WHERE call_id > {{after:String}}) "
+                "ORDER BY call_id LIMIT {n:UInt32}",
+                parameters={"after": after, "n": chunk},
+            )
+            ids = [str(row[0]) for row in result.result_rows]
+            if not ids:
+                return total
+            after = ids[-1]
+            folds = self._read_folds(client, ids)
+            self._write_folds(client, folds)
+            total += len(folds)
 
     def _statements_function(self, migrations: Sequence[Migration]) -> Callable[[Migration], list[str]]:
         """How a migration's statements are run: as written, or in their cluster form."""
@@ -458,8 +561,8 @@ class AuditStore:
         ReplacingMergeTree on the event id for the rare race this check cannot see (two
         replicas during a rebalance). Parts go first: if the process dies between the two
         inserts, the redelivered batch still completes both. Then the wide ``call_records``
-        rows of the calls the batch touched are rewritten from the folded state, and the
-        stored rows are sealed into the tamper-evidence chain (when a checkpoint key is set).
+        rows of the calls the batch changed are written (see :meth:`_write_call_records`), and
+        the stored rows are sealed into the tamper-evidence chain (when a checkpoint key is set).
         """
         rows = handlers.rows_for_batch(records)
         stats = InsertStats(rejected=rows.rejected)
@@ -467,24 +570,15 @@ class AuditStore:
             return stats
         db = self.database
         with self._use(self._writer) as client:
+            known, stored_by_call = self._stored_events(client, rows.event_keys)
             if rows.call_parts:
-                _insert_rows(client, f"{db}.call_parts", rows.call_parts, handlers.CALL_PART_COLUMNS)
+                self._writer.insert_rows(f"{db}.call_parts", rows.call_parts, handlers.CALL_PART_COLUMNS)
                 stats.call_parts = len(rows.call_parts)
-            known = self._stored_events(client, rows.event_keys)
             fresh = [row for row in rows.events if row[0] not in known]
             if fresh:
-                _insert_rows(client, f"{db}.events", fresh, handlers.EVENT_COLUMNS)
+                self._writer.insert_rows(f"{db}.events", fresh, handlers.EVENT_COLUMNS)
             if rows.call_parts:
-                # A forwarder claim without a terminal state changes nothing an investigator
-                # reads: its calls are not rewritten for it alone.
-                relevant = {
-                    str(r.event.get("call_id") or "")
-                    for r in records
-                    if r.event_type != "ForwarderClaim" or r.event.get("terminal_state")
-                }
-                touched = sorted({str(part[0]) for part in rows.call_parts} & relevant)
-                if touched:
-                    self._write_call_records(client, touched)
+                self._write_call_records(client, rows, stored_by_call)
             if self._checkpoint_key is not None:
                 # Rows stored now, and rows a crashed attempt stored from these very messages.
                 stored = [
@@ -501,51 +595,105 @@ class AuditStore:
 
     def _stored_events(
         self, client: Client, keys: Sequence[tuple[str, str]]
-    ) -> dict[str, tuple[str, int, int]]:
-        """Event ids of ``keys`` already stored, with the (topic, partition, offset) they were read at."""
+    ) -> tuple[dict[str, tuple[str, int, int]], dict[str, set[str]]]:
+        """What is already stored of the batch's calls.
+
+        Returns the batch's event ids already stored, with the (topic, partition, offset) they
+        were read at, and for each call of the batch every event id stored for it so far.
+        """
         # The batch's call ids travel as one JSON string parameter (binding thousands of array
         # elements costs more than the query), and the filter on call_id reads only the
         # granules of those calls through the primary key (call_id, event_id).
         calls = orjson.dumps(sorted({c for c, _ in keys})).decode()
         result = client.query(
-            f"SELECT event_id, topic, kafka_partition, kafka_offset FROM {self.database}.events "  # noqa: S608
+            f"SELECT call_id, event_id, topic, kafka_partition, kafka_offset FROM {self.database}.events "  # noqa: S608
             "WHERE call_id IN (SELECT arrayJoin(JSONExtract({calls:String}, 'Array(String)')))",
             parameters={"calls": calls},
         )
         wanted = {e for _, e in keys}
-        return {
-            str(r[0]): (str(r[1]), int(r[2]), int(r[3])) for r in result.result_rows if str(r[0]) in wanted
-        }
+        known: dict[str, tuple[str, int, int]] = {}
+        by_call: dict[str, set[str]] = {}
+        for call_id, event_id, topic, partition, offset in result.result_rows:
+            by_call.setdefault(str(call_id), set()).add(str(event_id))
+            if event_id in wanted:
+                known[str(event_id)] = (str(topic), int(partition), int(offset))
+        return known, by_call
 
-    def _write_call_records(self, client: Client, call_ids: Sequence[str]) -> None:
-        """Rewrite the ``call_records`` rows of ``call_ids`` from the folded ``calls`` view.
+    def _write_call_records(
+        self, client: Client, rows: handlers.BatchRows, stored_by_call: Mapping[str, set[str]]
+    ) -> None:
+        """Write the ``call_records`` rows of the calls whose fold the batch changed.
 
-        A small read of each call's state, session and conversation hashes (Python resolves
-        sessions, which may chain through calls of this very batch), and of the state each call
-        had in ``call_records`` so far; then one ``INSERT ... SELECT`` that builds the wide rows
-        inside ClickHouse, so the bodies never travel to Python and back. The version that
-        first shows a call in a terminal state is marked ``counted``: the usage views count each
-        call exactly once, whatever was redelivered or re-emitted.
+        The batch's ``call_parts`` rows (already inserted) are folded in Python
+        (:class:`records.CallFold`), so no batch reads the folded state back from ClickHouse:
+
+        * a call with no event stored before this batch starts from an empty fold;
+        * a call this process folded every stored event of (it keeps the folds of recent calls,
+          with the event ids they saw) continues from that fold;
+        * any other call (evicted, after a restart or a rebalance, or with events another
+          replica stored, such as approval events keyed by approval id) is read back from
+          ``call_parts`` with the ``calls`` view's own aggregates.
+
+        The version that first shows a call in a terminal state is marked ``counted``: the usage
+        views count each call exactly once, whatever was redelivered or re-emitted.
         """
+        parts: dict[str, list[Sequence[Any]]] = {}
+        for part in rows.call_parts:
+            parts.setdefault(str(part[0]), []).append(part)
+        seen: dict[str, set[str]] = {}
+        for event in rows.events:
+            seen.setdefault(str(event[3]), set()).add(str(event[0]))
+        changed: list[records.CallFold] = []
+        cold: list[str] = []
+        for call_id, call_parts in parts.items():
+            stored = stored_by_call.get(call_id)
+            fold = self._folds.get(call_id) if stored else records.CallFold(call_id)
+            if fold is None or (stored and not stored <= fold.event_ids):
+                cold.append(call_id)
+                continue
+            fold.event_ids |= seen.get(call_id, set())
+            if any([fold.add(p) for p in call_parts]):
+                changed.append(fold)
+        if cold:
+            for fold in self._read_folds(client, cold):
+                fold.event_ids = stored_by_call.get(fold.call_id, set()) | seen.get(fold.call_id, set())
+                changed.append(fold)
+        self._write_folds(client, changed)
+
+    def _write_folds(self, client: Client, changed: Sequence[records.CallFold]) -> None:
+        """Insert the ``call_records`` rows of ``changed`` (sessions resolved, ``counted`` set)."""
+        if not changed:
+            return
+        hashes = [fold.hashes() for fold in changed]
+        sessions = records.resolve_sessions(
+            [{"call_id": f.call_id, "session_id": f.session_id} for f in changed],
+            hashes,
+            self._known_conversations(client, {h.parent_hash for h in hashes if h.parent_hash}),
+        )
+        version = time.time_ns() // 1000
+        out: list[list[Any]] = []
+        for fold, session, fact in zip(changed, sessions, hashes, strict=True):
+            counted = fold.terminal_state and not fold.recorded_terminal
+            out.append(records.record_row(fold, session, counted, version))
+            fold.recorded_terminal = fold.recorded_terminal or fold.terminal_state
+            if fact.conversation_hash:
+                self._conversations.put(fact.conversation_hash, session[0])
+            self._folds.put(fold.call_id, fold)
+        self._writer.insert_rows(f"{self.database}.call_records", out, records.CALL_RECORD_COLUMNS)
+
+    def _read_folds(self, client: Client, call_ids: Sequence[str]) -> list[records.CallFold]:
+        """Folds of ``call_ids`` from ``call_parts``, and whether each has a terminal version."""
         db = self.database
         ids = orjson.dumps(list(call_ids)).decode()
-        result = client.query(records.hashes_query(db), parameters={"ids": ids})
-        calls = [dict(zip(result.column_names, row, strict=True)) for row in result.result_rows]
-        if not calls:
-            return
-        hashes = [records.Hashes(str(c["conversation_hash"]), str(c["parent_hash"])) for c in calls]
-        parents = sorted({h.parent_hash for h in hashes if h.parent_hash})
-        known: dict[str, str] = {}
-        if parents:
-            found = client.query(
-                f"SELECT conversation_hash, argMin(session_id, time) FROM {db}.call_records "  # noqa: S608
-                "WHERE conversation_hash IN (SELECT arrayJoin(JSONExtract({h:String}, 'Array(String)'))) "
-                "GROUP BY conversation_hash",
-                parameters={"h": orjson.dumps(parents).decode()},
-            )
-            known = {str(h): str(s) for h, s in found.result_rows}
-        sessions = records.resolve_sessions(calls, hashes, known)
-        earliest = min(records.call_time_ms(str(c["call_id"]), c.get("at_us")) for c in calls)
+        result = client.query(
+            f"SELECT {records.FOLD_SELECT} FROM {db}.call_parts "  # noqa: S608
+            "WHERE call_id IN (SELECT arrayJoin(JSONExtract({ids:String}, 'Array(String)'))) GROUP BY call_id",
+            parameters={"ids": ids},
+        )
+        folds = [records.fold_from_store(row) for row in result.result_rows]
+        if not folds:
+            return folds
+        earliest = min(fold.time_ms() for fold in folds)
         before = client.query(
             f"SELECT call_id, argMax(state, version) FROM {db}.call_records "  # noqa: S608
             "WHERE time >= fromUnixTimestamp64Milli({t:Int64}, 'UTC') "
@@ -553,25 +701,25 @@ class AuditStore:
             parameters={"t": earliest, "ids": ids},
         )
         ended = {str(c) for c, state in before.result_rows if state in records.TERMINAL_STATES}
-        counted = {
-            str(c["call_id"])
-            for c in calls
-            if c["state"] in records.TERMINAL_STATES and str(c["call_id"]) not in ended
-        }
-        mapping = [
-            [
-                str(c["call_id"]),
-                session,
-                source,
-                1 if str(c["call_id"]) in counted else 0,
-                records.call_time_ms(str(c["call_id"]), c.get("at_us")),
-            ]
-            for c, (session, source) in zip(calls, sessions, strict=True)
-        ]
-        client.command(
-            records.insert_query(db),
-            parameters={"m": orjson.dumps(mapping).decode(), "ids": ids, "version": time.time_ns() // 1000},
-        )
+        for fold in folds:
+            fold.recorded_terminal = fold.call_id in ended
+        return folds
+
+    def _known_conversations(self, client: Client, parents: set[str]) -> dict[str, str]:
+        """Sessions of the earlier conversations ``parents`` name (memory first, then the store)."""
+        known = {h: s for h in parents if (s := self._conversations.get(h)) is not None}
+        missing = sorted(parents - known.keys())
+        if missing:
+            found = client.query(
+                f"SELECT conversation_hash, argMin(session_id, time) FROM {self.database}.call_records "  # noqa: S608
+                "WHERE conversation_hash IN (SELECT arrayJoin(JSONExtract({h:String}, 'Array(String)'))) "
+                "GROUP BY conversation_hash",
+                parameters={"h": orjson.dumps(missing).decode()},
+            )
+            for conversation, session in found.result_rows:
+                known[str(conversation)] = str(session)
+                self._conversations.put(str(conversation), str(session))
+        return known
 
     def _seal(self, client: Client, rows: Sequence[Sequence[Any]]) -> None:
         """Write signed checkpoints covering ``rows`` (stored ``events`` rows)."""
@@ -590,10 +738,10 @@ class AuditStore:
         if not sealed:
             return
         now = time.time_ns() // 1000
-        client.insert(
+        self._writer.insert_rows(
             f"{self.database}.audit_checkpoints",
             [cp.row(now) for cp in sealed],
-            column_names=chain.CHECKPOINT_COLUMNS,
+            chain.CHECKPOINT_COLUMNS,
         )
         for cp in sealed:
             # The external anchor: a copy of every signed head outside the store.
@@ -919,12 +1067,6 @@ class AuditStore:
             recent_before_us=now - int(grace_seconds * 1e6),
             expired_before_us=now - (metadata_days - 1) * 86_400_000_000,
         )
-
-
-def _insert_rows(client: Client, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
-    """Insert rows column-oriented: the C-level transpose beats clickhouse-connect's own."""
-    data = [list(column) for column in zip(*rows, strict=True)]
-    client.insert(table, data, column_names=list(columns), column_oriented=True)
 
 
 def _clean_error(message: str) -> str:

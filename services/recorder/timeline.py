@@ -121,6 +121,8 @@ def build(calls: Sequence[Mapping[str, Any]], events: Sequence[Mapping[str, Any]
                         "output_tokens": payload.get("output_tokens"),
                     },
                     "latency_ms": payload.get("latency_ms"),
+                    "stream": bool(payload.get("stream")),
+                    "first_token_ms": payload.get("first_token_ms"),
                     "body": _body(call.get("response_body")),
                     "masked": _masked(payload),
                     "blocked_tools": payload.get("blocked_tools") or [],

@@ -57,6 +57,9 @@ Scope = Literal["upstream", "record"]
 _SCOPES: Final = ("upstream", "record")
 _MAX_DEPTH: Final = 256
 _TOOL_INPUT_BLOCKS: Final = frozenset({"tool_use", "server_tool_use"})
+#: Fields of a text block's citations that quote or name their source (masked like the text):
+#: ``cited_text`` quotes a document or web page, titles and URLs name it.
+CITATION_FIELDS: Final = ("cited_text", "document_title", "title", "url")
 
 
 class MaskingError(ValueError):
@@ -449,13 +452,7 @@ def _walk_request(body: Mapping[str, Any], fn: _TextFn) -> dict[str, Any]:
             out["system"] = _blocks(system, "system", fn)
     messages = body.get("messages")
     if isinstance(messages, list):
-        new_messages: list[Any] | None = None
-        for i, message in enumerate(messages):
-            new_message = _message(message, f"messages[{i}]", fn)
-            if new_message is not message:
-                if new_messages is None:
-                    new_messages = list(messages)
-                new_messages[i] = new_message
+        new_messages = _replace_items(messages, lambda i, m: _message(m, f"messages[{i}]", fn))
         if new_messages is not None:
             out["messages"] = new_messages
     return out
@@ -511,11 +508,16 @@ def _block(block: Any, path: str, fn: _TextFn) -> Any:
         return block
     kind = block.get("type")
     if kind == "text":
-        key, value = "text", block.get("text")
-        if not isinstance(value, str):
-            return block
-        new_value: Any = fn(value, f"{path}.text")
-    elif kind == "thinking":
+        text = block.get("text")
+        new_text = fn(text, f"{path}.text") if isinstance(text, str) else text
+        new_block = _citations(block, path, fn)  # after the text: placeholders in reading order
+        if new_text is text:
+            return new_block
+        new_block = dict(new_block) if new_block is block else new_block
+        new_block["text"] = new_text
+        return new_block
+    new_value: Any
+    if kind == "thinking":
         key, value = "thinking", block.get("thinking")
         if not isinstance(value, str):
             return block
@@ -539,6 +541,52 @@ def _block(block: Any, path: str, fn: _TextFn) -> Any:
         return block
     new_block = dict(block)
     new_block[key] = new_value
+    return new_block
+
+
+def mask_citation(citation: Any, path: str, fn: _TextFn) -> Any:
+    """One citation with :data:`CITATION_FIELDS` masked (``citation`` itself when unchanged).
+
+    Shared by whole answers (a text block's ``citations``) and streams (a ``citations_delta``
+    carries one citation whole), so both mask the same fields.
+    """
+    if not isinstance(citation, dict):
+        return citation
+    out: dict[str, Any] | None = None
+    for field in CITATION_FIELDS:
+        value = citation.get(field)
+        if isinstance(value, str) and value:
+            new_value = fn(value, f"{path}.{field}")
+            if new_value is not value:
+                if out is None:
+                    out = dict(citation)
+                out[field] = new_value
+    return citation if out is None else out
+
+
+def _replace_items(items: list[Any], update: Callable[[int, Any], Any]) -> list[Any] | None:
+    """A copy of ``items`` with ``update(index, item)`` applied, or None when no item changed
+    (the body is then reused as it is, not copied)."""
+    out: list[Any] | None = None
+    for i, item in enumerate(items):
+        new = update(i, item)
+        if new is not item:
+            if out is None:
+                out = list(items)
+            out[i] = new
+    return out
+
+
+def _citations(block: dict[str, Any], path: str, fn: _TextFn) -> dict[str, Any]:
+    """``block`` with its citations masked (``block`` itself when unchanged)."""
+    citations = block.get("citations")
+    if not isinstance(citations, list) or not citations:
+        return block
+    items = _replace_items(citations, lambda i, c: mask_citation(c, f"{path}.citations[{i}]", fn))
+    if items is None:
+        return block
+    new_block = dict(block)
+    new_block["citations"] = items
     return new_block
 
 

@@ -8,6 +8,7 @@ silence, so keep-alive is observable in test time.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import orjson
 import pytest
 
 from services.cli.stack import Stack
+from skillgate.codec import default_codec
 from tests.conftest import wait_for
 from tests.integration.conftest import _session_stack
 from tests.integration.helpers import read_topics, recorded_call, sql, stack_kafka, stub_requests
@@ -133,13 +135,30 @@ def test_text_stream_with_the_python_sdk(sstack: Stack, token: str, auditor: str
         completed["first_token_ms"] is not None and 0 < completed["first_token_ms"] <= completed["latency_ms"]
     )
     assert completed["chunks"] >= 1
-    # chunks are not recorded row by row: of the call's replies only the end is stored
-    replies = sql(
-        sstack,
-        auditor,
-        f"SELECT count() AS n FROM events WHERE call_id = '{call_id}' AND event_type = 'CallReply'",  # noqa: S608
+    # The wide record keeps the stream's timing next to the assembled message.
+    wide = wait_for(
+        lambda: sql(
+            sstack,
+            auditor,
+            f"SELECT stream, first_token_ms, latency_ms, total_ms FROM call_records FINAL "  # noqa: S608
+            f"WHERE call_id = '{call_id}' AND state = 'completed'",
+        ),
+        timeout=30,
     )
-    assert replies[0]["n"] == 1
+    assert wide[0]["stream"] in (True, 1) and wide[0]["first_token_ms"] == completed["first_token_ms"]
+    assert wide[0]["total_ms"] >= wide[0]["latency_ms"] > 0
+
+    # chunks are not recorded row by row: of the call's replies only the end is stored (it is on
+    # calls.replies, which the recorder may reach in a later batch than calls.completed)
+    def replies() -> int:
+        rows = sql(
+            sstack,
+            auditor,
+            f"SELECT count() AS n FROM events WHERE call_id = '{call_id}' AND event_type = 'CallReply'",  # noqa: S608
+        )
+        return int(rows[0]["n"])
+
+    assert wait_for(replies, timeout=30) == 1
 
 
 def test_event_sequence_and_keepalive_pings(sstack: Stack, token: str) -> None:
@@ -262,6 +281,48 @@ def test_client_disconnect_cancels_the_upstream(sstack: Stack, token: str, audit
     assert failed["error_type"] == "client_disconnected" and failed["status"] == 499
     cancelled = completed_payload(sstack, auditor, call_id, "CallCancelled")
     assert cancelled["reason"] == "client_disconnected" and cancelled["chunks_delivered"] >= 1
+
+
+def test_disconnect_before_the_forwarder_started_is_not_missed(
+    sstack: Stack, token: str, auditor: str
+) -> None:
+    """The caller leaves while its call waits for a forwarder that is down: the ingress cancels
+    it at once, and the forwarder, once it starts, reads that cancellation before the decision
+    and never calls the upstream (the call is recorded as a disconnect)."""
+    marker = uuid.uuid4().hex[:10]
+    sstack.stop_service("forwarder")
+    try:
+        body = {**params(f"gone {marker}"), "stream": True}
+        with pytest.raises(httpx.ReadTimeout):
+            # the caller gives up (closing its connection) while no stream can begin
+            httpx.post(
+                f"{sstack.ingress_url}/v1/messages",
+                json=body,
+                headers={"x-api-key": token, "anthropic-version": "2023-06-01"},
+                timeout=httpx.Timeout(60, read=2.0),
+            )
+        kafka = stack_kafka(sstack)
+
+        def cancelled_call() -> str | None:
+            submitted = {}
+            for record in asyncio.run(read_topics(kafka, ["calls.submitted", "calls.cancelled"])):
+                _, event = default_codec().decode(record.value)
+                if "body" in event and marker.encode() in (event["body"] or b""):
+                    submitted[event["call_id"]] = True
+                elif "reason" in event and event["call_id"] in submitted:
+                    return str(event["call_id"])
+            return None
+
+        call_id = wait_for(cancelled_call, timeout=30, interval=0.5)
+    finally:
+        sstack.start_service("forwarder")
+    row = recorded_call(sstack, auditor, call_id, timeout=90)
+    assert row["state"] == "failed"
+    failed = completed_payload(sstack, auditor, call_id, "CallFailed")
+    assert failed["error_type"] == "client_disconnected" and failed["status"] == 499
+    assert stub_requests(sstack, marker) == []  # never forwarded
+    cancelled = completed_payload(sstack, auditor, call_id, "CallCancelled")
+    assert cancelled["reason"] == "client_disconnected" and cancelled["chunks_delivered"] == 0
 
 
 def test_upstream_error_mid_stream(sstack: Stack, token: str, auditor: str) -> None:

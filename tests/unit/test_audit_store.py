@@ -543,7 +543,9 @@ def test_cluster_variant_parses_and_keeps_a_call_on_one_shard(store: AuditStore)
     assert "TO skillgate.usage_daily_local" in mv and "FROM skillgate.call_records_local" in mv
     # Indexes exist on the shards' tables only; new columns on both.
     assert not any(s.startswith("ALTER TABLE skillgate.call_parts ") and "INDEX" in s for s in statements)
-    assert sum(s.startswith("ALTER TABLE skillgate.call_parts ON CLUSTER") for s in statements) == 2
+    # 0002: blocked_tools and response_mask; 0004: first_token_ms.
+    assert sum(s.startswith("ALTER TABLE skillgate.call_parts ON CLUSTER") for s in statements) == 3
+    assert not any(s.startswith("ALTER TABLE skillgate.call_parts ") and "SETTING" in s for s in statements)
 
 
 def test_a_call_denied_after_approval_is_counted_once(store: AuditStore) -> None:

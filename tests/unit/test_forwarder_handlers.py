@@ -1,5 +1,5 @@
 """The forwarder's pure parts: outcome events (``services/forwarder/handlers.py``) and in-order
-offset commits (``OffsetTracker`` in ``services/forwarder/consumer.py``)."""
+offset commits (``OffsetTracker`` in ``skillgate/kafka.py``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import orjson
 import pytest
 from aiokafka.structs import TopicPartition
 
-from services.forwarder.consumer import OffsetTracker
 from services.forwarder.handlers import (
     claim_event,
     interrupted_events,
@@ -27,6 +26,7 @@ from skillgate.events import (
     ReplyTo,
     UpstreamAttempt,
 )
+from skillgate.kafka import OffsetTracker
 from tests import factories
 
 CODEC = AvroCodec()

@@ -663,7 +663,7 @@ def test_migration_0002_keeps_every_calls_column_and_reruns_cleanly(tmp_path: Pa
         with store._use(store._writer) as client:  # a row as the 0001 recorder wrote it
             part = handlers.call_part_row(call_flow(old_call)[2])
             assert part is not None
-            n = len(handlers.CALL_PART_COLUMNS) - 2
+            n = handlers.CALL_PART_COLUMNS.index("blocked_tools")  # 0002 added it and what follows
             client.insert(
                 f"{store.database}.call_parts", [part[:n]], column_names=handlers.CALL_PART_COLUMNS[:n]
             )
@@ -715,3 +715,143 @@ def test_recorder_refuses_to_start_without_its_fingerprint_key(tmp_path: Path) -
             )
         )
     assert not chdb.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# call_records built in Python agree with the calls view
+
+
+#: call_records columns computed from the ``calls`` view, as the recorder's SQL built them before
+#: the fold moved to Python: the independent oracle of the Python fold.
+_ORACLE = """
+    ifNull(subject, '') AS subject, ifNull(issuer, '') AS issuer, username, email, groups, client_id,
+    ifNull(model, '') AS model, ifNull(mode, '') AS mode, ifNull(stream, false) AS stream,
+    ifNull(path, '') AS path, state, ifNull(decision, '') AS decision, ifNull(reason, '') AS reason,
+    rule_ids, tags, ifNull(bundle_version, '') AS bundle_version, ifNull(approval_id, '') AS approval_id,
+    approval_decisions, status, input_tokens, output_tokens, latency_ms, total_ms, stop_reason,
+    error_type, error_message, submitted_at, completed_at, ifNull(request_body, '') AS request_body,
+    ifNull(response_body, '') AS response_body, masked_types, masked_fingerprints,
+    toUInt16(length(blocked_tools)) AS blocked_tools
+"""
+_COMPARED = [
+    "subject", "issuer", "username", "email", "groups", "client_id", "model", "mode", "stream", "path",
+    "state", "decision", "reason", "rule_ids", "tags", "bundle_version", "approval_id",
+    "approval_decisions", "status", "input_tokens", "output_tokens", "latency_ms", "total_ms",
+    "stop_reason", "error_type", "error_message", "submitted_at", "completed_at", "request_body",
+    "response_body", "masked_types", "masked_fingerprints", "blocked_tools",
+]  # fmt: skip
+
+
+def _oracle_and_record(store: AuditStore, call_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    view = store.query(f"SELECT {_ORACLE} FROM calls WHERE call_id = '{call_id}'")  # noqa: S608
+    columns = ", ".join(_COMPARED)
+    rec = store.query(f"SELECT {columns} FROM call_records FINAL WHERE call_id = '{call_id}'")  # noqa: S608
+    assert len(view.rows) == 1 and len(rec.rows) == 1, call_id
+    return dict(zip(view.columns, view.rows[0], strict=True)), dict(
+        zip(rec.columns, rec.rows[0], strict=True)
+    )
+
+
+def _approval_flow(call_id: str) -> list[SourceRecord]:
+    return [
+        record(ev.CALL_SUBMITTED, submitted(call_id), 1),
+        record(ev.CALL_DECIDED, decided(call_id, decision="require_approval"), 2),
+        record(ev.APPROVAL_DECIDED, approval_decided(call_id, T0 + 1500), 3),
+        record(ev.CALL_DECIDED, decided(call_id, t=T0 + 2000), 4),
+        record(ev.CALL_COMPLETED, completed(call_id), 5),
+    ]
+
+
+@pytest.mark.parametrize("cache_bytes", [64 * 1024 * 1024, 1], ids=["folds-kept", "folds-evicted"])
+def test_call_records_folded_in_python_match_the_calls_view(tmp_path: Path, cache_bytes: int) -> None:
+    """Whatever the batching, order, redelivery, restart or eviction, call_records says what
+    calls says (with a 1-byte cache every fold is evicted at once and read back each batch)."""
+    ids = [ev.new_call_id() for _ in range(8)]
+    flow = {i: call_flow(i) for i in ids}
+    s, d, c, r = flow[ids[1]]
+    batches: list[list[SourceRecord]] = [
+        flow[ids[0]],  # one batch
+        [s], [d], [c, r],  # one event per batch
+        [flow[ids[2]][2], flow[ids[2]][3]], [flow[ids[2]][0]], [flow[ids[2]][1]],  # completed first
+        flow[ids[3]], flow[ids[3]],  # redelivered
+        _approval_flow(ids[4])[:2], _approval_flow(ids[4])[2:3], _approval_flow(ids[4])[3:],
+        [record(ev.CALL_SUBMITTED, submitted(ids[5]), 1), record(ev.CALL_DECIDED, decided(ids[5], decision="deny"), 2)],
+        [record(ev.CALL_SUBMITTED, submitted(ids[6]), 1), record(ev.CALL_DECIDED, decided(ids[6]), 2)],
+        [record(ev.CALL_FAILED, failed(ids[6]), 3)],
+        flow[ids[7]][:2],
+    ]  # fmt: skip
+    settings = ClickHouseSettings(url=f"chdb://{tmp_path / 'audit.chdb'}")
+    store = AuditStore(settings, tmp_path, fold_cache_bytes=cache_bytes)
+    try:
+        store.migrate()
+        for batch in batches:
+            store.insert_batch(batch)
+    finally:
+        store.close()
+    # A restart forgets the folds: the rest of the call is folded from what call_parts holds.
+    store = AuditStore(settings, tmp_path, fold_cache_bytes=cache_bytes)
+    try:
+        store.insert_batch(flow[ids[7]][2:])
+        store.insert_batch(flow[ids[7]])  # and a full redelivery after the restart
+        for call_id in ids:
+            oracle, built = _oracle_and_record(store, call_id)
+            assert built == oracle, call_id
+        assert _oracle_and_record(store, ids[4])[1]["approval_decisions"] == ["approve:approver-9"]
+        # Every call ended: the usage view (fed at insert time) counted each exactly once.
+        assert store.query("SELECT sum(calls) FROM usage_daily").rows[0][0] == len(ids)
+    finally:
+        store.close()
+
+
+def test_a_batch_that_changes_nothing_writes_no_new_version(store: AuditStore) -> None:
+    """A redelivered batch folds into the same state: no call_records version is added for it."""
+    call_id = ev.new_call_id()
+    store.insert_batch(call_flow(call_id))
+    store.insert_batch(call_flow(call_id))
+    versions = store.query(f"SELECT count() FROM call_records WHERE call_id = '{call_id}'").rows[0][0]  # noqa: S608
+    assert versions == 1
+
+
+def test_calls_recorded_before_call_records_existed_are_backfilled(tmp_path: Path) -> None:
+    """A store at 0002 with calls in it: migrating on gives those calls their call_records rows."""
+    migrations = load_migrations()
+    store = AuditStore(ClickHouseSettings(url=f"chdb://{tmp_path / 'audit.chdb'}"), tmp_path)
+    try:
+        assert store.migrate(migrations[:2]) == [1, 2]
+        old = [ev.new_call_id() for _ in range(3)]
+        with store._use(store._writer) as client:  # rows as the 0002 recorder wrote them
+            n = handlers.CALL_PART_COLUMNS.index("first_token_ms")
+            parts = [handlers.call_part_row(r) for call_id in old for r in call_flow(call_id)]
+            client.insert(
+                f"{store.database}.call_parts",
+                [p[:n] for p in parts if p is not None],
+                column_names=handlers.CALL_PART_COLUMNS[:n],
+            )
+        assert store.migrate() == [3, 4]
+        for call_id in old:
+            oracle, built = _oracle_and_record(store, call_id)
+            assert built == oracle and built["state"] == "completed"
+        assert store.query("SELECT sum(calls) FROM usage_daily").rows[0][0] == len(old)
+        with store._use(store._writer) as client:  # a second run finds nothing to do
+            assert store._backfill_call_records(client) == 0
+    finally:
+        store.close()
+
+
+def test_streamed_chunks_tagged_by_the_forwarder_are_skipped_without_decoding() -> None:
+    """A chunk message (Kafka header) is consumed and committed but never decoded or stored."""
+    from aiokafka.structs import ConsumerRecord
+
+    from services.recorder.consumer import RecorderConsumer
+    from skillgate import topics
+
+    kafka = KafkaSettings(topic_prefix="t.")
+    consumer = RecorderConsumer(None, kafka, RecorderSettings())  # type: ignore[arg-type]
+    topic = topics.name(kafka, topics.REPLIES)
+
+    def message(offset: int, headers: list[tuple[str, bytes]]) -> ConsumerRecord[bytes, bytes]:
+        return ConsumerRecord(topic, 0, offset, 0, 0, b"k", b"not avro", None, 1, 8, headers)
+
+    decoded, dead = consumer._decode([message(1, [(topics.KIND_HEADER, topics.CHUNK_KIND)]), message(2, [])])
+    assert decoded == []
+    assert [m.offset for m, _ in dead] == [2]  # only the untagged garbage is dead-lettered

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import statistics
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import orjson
@@ -114,39 +115,68 @@ def store_only(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
-    """Samples of one metric in Prometheus text format: (labels, value)."""
-    out: list[tuple[dict[str, str], float]] = []
+Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _parse(text: str) -> Metrics:
+    """Every sample of a Prometheus text page: (name, sorted labels) -> value."""
+    out: Metrics = {}
     for line in text.splitlines():
-        if not line.startswith(name):
+        if not line or line.startswith("#"):
             continue
         head, _, value = line.rpartition(" ")
-        labels: dict[str, str] = {}
+        name, labels = head, cast(tuple[tuple[str, str], ...], ())
         if "{" in head:
-            if head[: head.index("{")] != name:
-                continue
-            for pair in head[head.index("{") + 1 : head.rindex("}")].split(","):
-                if "=" in pair:
-                    key, _, raw = pair.partition("=")
-                    labels[key.strip()] = raw.strip().strip('"')
-        elif head != name:
-            continue
-        out.append((labels, float(value)))
+            name = head[: head.index("{")]
+            pairs = head[head.index("{") + 1 : head.rindex("}")].split(",")
+            labels = tuple(
+                sorted(
+                    (k.strip(), v.strip().strip('"')) for k, _, v in (p.partition("=") for p in pairs) if k
+                )
+            )
+        out[(name, labels)] = float(value)
     return out
 
 
-def _histogram_quantile(text: str, name: str, q: float) -> float:
+def _minus(after: Metrics, before: Metrics) -> Metrics:
+    """What happened between two scrapes (counters and histograms only grow)."""
+    return {key: value - before.get(key, 0.0) for key, value in after.items()}
+
+
+def _total(metrics: Metrics, name: str) -> float:
+    return sum(v for (n, _), v in metrics.items() if n == name)
+
+
+def _mean(metrics: Metrics, name: str) -> float | None:
+    count = _total(metrics, f"{name}_count")
+    return round(_total(metrics, f"{name}_sum") / count, 3) if count else None
+
+
+def _histogram_quantile(metrics: Metrics, name: str, q: float) -> float:
     """Upper bound of the bucket holding quantile ``q`` of a Prometheus histogram."""
     buckets = sorted(
-        (float(labels["le"]), count)
-        for labels, count in _samples(text, f"{name}_bucket")
-        if labels.get("le") not in (None, "+Inf")
+        (float(dict(labels)["le"]), value)
+        for (n, labels), value in metrics.items()
+        if n == f"{name}_bucket" and dict(labels).get("le") not in (None, "+Inf")
     )
-    total = sum(v for _, v in _samples(text, f"{name}_count"))
+    total = _total(metrics, f"{name}_count")
     for bound, count in buckets:
         if count >= q * total:
             return bound
     return float("inf")
+
+
+def _scrape_when_stored(stack: Stack, events: float, timeout: float = 120) -> Metrics:
+    """The recorder's metrics once it has stored ``events`` events (or at the deadline)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        metrics = _parse(httpx.get(f"{stack.recorder_url}/metrics", timeout=5).text)
+        if (
+            _total(metrics, "skillgate_recorder_events_inserted_total") >= events
+            or time.monotonic() > deadline
+        ):
+            return metrics
+        time.sleep(0.2)  # polling a condition with a deadline
 
 
 async def _probe(
@@ -164,85 +194,106 @@ async def _probe(
     return None
 
 
-async def _produce(args: argparse.Namespace, stack: Stack, prefix: str) -> dict[str, Any]:
+async def _produce(
+    args: argparse.Namespace, stack: Stack, prefix: str, total: int, seed: int, probe_every: int
+) -> dict[str, Any]:
+    """Produce the calls at the target rate; the probes' lags.
+
+    Every message is encoded before the clock starts, stamped with the time it is due: the load
+    generator then only sends, so it takes as little CPU from the recorder and Kafka as it can
+    (this machine has two cores). A message sent late keeps its due time, so lateness of the
+    generator counts as lag, never the other way round.
+    """
     kafka = KafkaSettings(bootstrap=stack.kafka.bootstrap if stack.kafka else "", topic_prefix=prefix)
     producer = make_producer(kafka)
     codec = default_codec()
     token = stack.token("lag-bench-auditor", ["auditors"])
+    began = time.time() + 3.0 + total * 60e-6  # encoding takes ~50 us per call
+    planned: list[tuple[float, str | None, list[tuple[str, bytes, bytes]]]] = []
+    for n, spec in enumerate(conversations(seed, int(began * 1e6), total, spacing_us=int(1e6 / args.rate))):
+        due = spec.time_us / 1e6
+        messages = [
+            (
+                rec.topic,
+                codec.encode(rec.event_type, dict(rec.event) | {"time": spec.time_us}),
+                spec.session_id.encode(),
+            )
+            for rec in records(spec, topic_prefix=prefix.rstrip("."))
+        ]
+        probe = spec.call_id if n % probe_every == 0 and spec.decision == "allow" else None
+        planned.append((due, probe, messages))
+    late = max(0.0, time.time() - began)
     await producer.start()
     probes: list[asyncio.Task[float | None]] = []
-    total = int(args.rate * args.seconds)
     events = 0
     try:
         async with httpx.AsyncClient(base_url=stack.recorder_url, timeout=5.0) as client:
-            start = time.time()
-            specs = conversations(11, int(start * 1e6), total, spacing_us=int(1e6 / args.rate))
             pending: list[asyncio.Future[Any]] = []
-            for n, spec in enumerate(specs):
-                wait = spec.time_us / 1e6 - time.time()
+            for due, probe, messages in planned:
+                wait = due - time.time()
                 if wait > 0:
                     await asyncio.sleep(wait)  # pacing the producer to the target rate
-                produced = time.time()
-                for rec in records(spec, topic_prefix=prefix.rstrip(".")):
-                    event = dict(rec.event) | {"time": int(time.time() * 1e6)}
-                    value = codec.encode(rec.event_type, event)
-                    pending.append(await producer.send(rec.topic, value, key=spec.session_id.encode()))
+                for topic, value, key in messages:
+                    pending.append(await producer.send(topic, value, key=key))
                     events += 1
-                if n % args.probe_every == 0 and spec.decision == "allow":
-                    url = f"/v1/calls/{spec.call_id}"
-                    probes.append(asyncio.create_task(_probe(client, url, token, produced, produced + 30)))
+                if probe is not None:
+                    url = f"/v1/calls/{probe}"
+                    probes.append(asyncio.create_task(_probe(client, url, token, due, due + 30)))
                 if len(pending) > 1000:
                     await asyncio.gather(*pending)
                     pending.clear()
             await asyncio.gather(*pending)
-            elapsed = time.time() - start
+            elapsed = time.time() - began
             probed = [p for p in await asyncio.gather(*probes) if p is not None]
     finally:
         await producer.stop()
-    return {"calls": total, "events": events, "produce_seconds": elapsed, "probe_lags": probed}
+    return {
+        "calls": total,
+        "events": events,
+        "produce_seconds": elapsed,
+        "probe_lags": probed,
+        "generator_late_s": round(late, 3),
+    }
 
 
 def through_kafka(args: argparse.Namespace) -> dict[str, Any]:
-    """The full lag: produced to Kafka, consumed, inserted and queryable, measured twice."""
+    """The full lag: produced to Kafka, consumed, inserted and queryable, measured twice.
+
+    A warm-up of ``--warmup-calls`` first (the consumer joins its group, topics and parts
+    exist); the recorder's metrics are scraped after it and again after the run, and only the
+    difference is reported.
+    """
     directory = Path(tempfile.mkdtemp(prefix="skillgate-audit-lag-"))
     prefix = f"lagbench{int(time.time())}."
     stack = Stack(directory, StackPorts.free(), topic_prefix=prefix, use_stub=False)
     try:
         stack.start(services=("recorder",))
-        produced = asyncio.run(_produce(args, stack, prefix))
+        warm = asyncio.run(_produce(args, stack, prefix, args.warmup_calls, 5, 1 << 30))
+        before = _scrape_when_stored(stack, warm["events"])
+        stored_before = _total(before, "skillgate_recorder_events_inserted_total")
+        total = int(args.rate * args.seconds)
+        produced = asyncio.run(_produce(args, stack, prefix, total, 11, args.probe_every))
+        after = _scrape_when_stored(stack, stored_before + produced["events"])
+        run = _minus(after, before)
         metric = "skillgate_recorder_record_lag_seconds"
-        deadline = time.monotonic() + 120
-        while True:  # wait until every produced event is stored (or give up at the deadline)
-            text = httpx.get(f"{stack.recorder_url}/metrics", timeout=5).text
-            stored = sum(v for _, v in _samples(text, "skillgate_recorder_events_inserted_total"))
-            if stored >= produced["events"] or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)  # polling a condition with a deadline
-        lag_sum = sum(v for _, v in _samples(text, f"{metric}_sum"))
-        lag_count = sum(v for _, v in _samples(text, f"{metric}_count"))
         probe = sorted(produced["probe_lags"])
-
-        def mean(name: str) -> float | None:
-            total = sum(v for _, v in _samples(text, f"{name}_sum"))
-            count = sum(v for _, v in _samples(text, f"{name}_count"))
-            return round(total / count, 3) if count else None
-
         return {
             "bench": "audit_lag",
             "mode": "through-kafka",
             "at": datetime.now(UTC).isoformat(),
+            "load_average": os.getloadavg(),
             "target_calls_per_second": args.rate,
             "achieved_calls_per_second": round(produced["calls"] / produced["produce_seconds"], 1),
             "events_produced": produced["events"],
-            "events_stored": int(stored),
-            "metric_lag_p50_le_s": _histogram_quantile(text, metric, 0.5),
-            "metric_lag_p99_le_s": _histogram_quantile(text, metric, 0.99),
-            "metric_lag_mean_s": round(lag_sum / lag_count, 3) if lag_count else None,
-            "recorder_batches": int(
-                sum(v for _, v in _samples(text, "skillgate_recorder_insert_seconds_count"))
-            ),
-            "recorder_batch_size_mean": mean("skillgate_recorder_batch_size"),
-            "recorder_insert_seconds_mean": mean("skillgate_recorder_insert_seconds"),
+            "generator_started_late_s": produced["generator_late_s"],
+            "events_stored": int(_total(run, "skillgate_recorder_events_inserted_total")),
+            "metric_lag_p50_le_s": _histogram_quantile(run, metric, 0.5),
+            "metric_lag_p90_le_s": _histogram_quantile(run, metric, 0.9),
+            "metric_lag_p99_le_s": _histogram_quantile(run, metric, 0.99),
+            "metric_lag_mean_s": _mean(run, metric),
+            "recorder_batches": int(_total(run, "skillgate_recorder_insert_seconds_count")),
+            "recorder_batch_size_mean": _mean(run, "skillgate_recorder_batch_size"),
+            "recorder_insert_seconds_mean": _mean(run, "skillgate_recorder_insert_seconds"),
             "probe_calls": len(probe),
             "probe_lag_p50_s": round(statistics.median(probe), 3) if probe else None,
             "probe_lag_p99_s": round(probe[int(0.99 * (len(probe) - 1))], 3) if probe else None,
@@ -260,6 +311,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--batch-seconds", type=float, default=0.25, help="store-only: batch window")
     parser.add_argument("--probe-every", type=int, default=250, help="poll every n-th call through the API")
+    parser.add_argument("--warmup-calls", type=int, default=200, help="calls before the measured run")
     parser.add_argument("--store-only", action="store_true", help="insert into chDB directly, no Kafka")
     args = parser.parse_args()
     result = store_only(args) if args.store_only else through_kafka(args)

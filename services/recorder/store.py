@@ -668,7 +668,11 @@ class AuditStore:
         sessions = records.resolve_sessions(
             [{"call_id": f.call_id, "session_id": f.session_id} for f in changed],
             hashes,
-            self._known_conversations(client, {h.parent_hash for h in hashes if h.parent_hash}),
+            # Parents written in this very batch chain inside resolve_sessions: no lookup for them.
+            self._known_conversations(
+                client,
+                {h.parent_hash for h in hashes if h.parent_hash} - {h.conversation_hash for h in hashes},
+            ),
         )
         version = time.time_ns() // 1000
         out: list[list[Any]] = []

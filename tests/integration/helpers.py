@@ -31,12 +31,29 @@ def sql(stack: Stack, token: str, query: str) -> list[dict[str, Any]]:
 def recorded_call(
     stack: Stack, token: str, call_id: str, state: str | None = None, timeout: float = 30
 ) -> dict[str, Any]:
-    """Wait until the call's row is in ClickHouse (in a terminal state, or ``state``)."""
+    """Wait until the call's row is in ClickHouse (in a terminal state, or ``state``).
+
+    A terminal state can show before the events that explain it are stored: the caller's reply
+    (a hint) may land in an earlier recorder batch than the CallDecided or CallCompleted. So a
+    terminal row counts once its decision is known (a failure may have none) and, for a
+    completed call, its response.
+    """
     terminal = {"completed", "failed", "denied", "expired", "rate_limited"}
+
+    def explained(row: dict[str, Any]) -> bool:
+        if row["state"] not in terminal:
+            return True
+        if row["decision"] is None and row["state"] != "failed":
+            return False
+        return row["state"] != "completed" or row["response_body"] is not None
 
     def probe() -> dict[str, Any] | None:
         rows = sql(stack, token, f"SELECT * FROM calls WHERE call_id = '{call_id}'")  # noqa: S608
-        if rows and (rows[0]["state"] == state if state else rows[0]["state"] in terminal):
+        if (
+            rows
+            and (rows[0]["state"] == state if state else rows[0]["state"] in terminal)
+            and explained(rows[0])
+        ):
             return rows[0]
         return None
 

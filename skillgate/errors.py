@@ -53,6 +53,11 @@ def error_body(status: int, message: str, request_id: str, error_type: str | Non
     )
 
 
+def sse_error_frame(error_type: str, message: str) -> bytes:
+    """An Anthropic ``error`` event in a stream (the SDKs raise it as an ``APIStatusError``)."""
+    return b"event: error\ndata: " + error_body(500, message, new_request_id(), error_type) + b"\n\n"
+
+
 class GatewayError(Exception):
     """An error to return to the caller in the Anthropic shape."""
 

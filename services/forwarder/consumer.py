@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -45,12 +44,12 @@ from services.forwarder.streaming import (
     SSEParser,
     StreamGuard,
     end_reply,
-    error_frame,
 )
 from services.forwarder.upstream import UnknownUpstream, UpstreamResult, Upstreams, UpstreamStream, describe
 from skillgate import events, topics
 from skillgate.codec import AvroCodec, CodecError, default_codec
 from skillgate.config import KafkaSettings
+from skillgate.errors import sse_error_frame
 from skillgate.events import (
     APPROVAL_HELD,
     APPROVAL_REQUESTED,
@@ -68,6 +67,7 @@ from skillgate.fingerprints import load_fingerprint_key
 from skillgate.follow import TopicFollower
 from skillgate.kafka import DeadLetterer, OffsetTracker, make_consumer, make_producer
 from skillgate.logs import call_context
+from skillgate.lru import BoundedCache
 from skillgate.metrics import EVENTS_CONSUMED, EVENTS_PRODUCED, STAGE_SECONDS
 from skillgate.policy.bundle import Bundle, BundleError, load_bundle
 from skillgate.policy.detectors import DetectorError
@@ -172,7 +172,7 @@ class ForwarderService:
         self.bundle_error: str | None = "no policy bundle loaded"
         # Policies of bundles applied before, by label, so a decision made under an earlier
         # version is checked with that version's rules and detectors (bounded).
-        self._policies: OrderedDict[str, ResponsePolicy] = OrderedDict()
+        self._policies: BoundedCache[str, ResponsePolicy] = BoundedCache(_KEPT_POLICIES)
         self._fingerprint_key: bytes | None = None
         # Streams stop when their caller goes away (ingress → calls.cancelled → here).
         self.cancels = CancelWatcher(kafka, topics.name(kafka, topics.CANCELLED), self.codec)
@@ -211,10 +211,7 @@ class ForwarderService:
             log.error("response masker unavailable: calls fail closed", extra={"error": self.bundle_error})
             return
         self.response_policy, self.bundle_error = policy, None
-        self._policies[bundle.label] = policy
-        self._policies.move_to_end(bundle.label)
-        while len(self._policies) > _KEPT_POLICIES:
-            self._policies.popitem(last=False)
+        self._policies.put(bundle.label, policy)
         log.info(
             "policy bundle applied",
             extra={"bundle": bundle.label, "tool_rules": len(bundle.tool_rules)},
@@ -658,7 +655,7 @@ class ForwarderService:
         if failure is not None:
             state = "failed"
             if outcome in ("unchecked", "broken"):
-                relay.add([error_frame(failure[1], failure[2])])
+                relay.add([sse_error_frame(failure[1], failure[2])])
         STREAMS.labels(outcome).inc()
         if outcome == "cancelled":
             await relay.abort()
@@ -708,7 +705,7 @@ class ForwarderService:
             published = self.watcher.bundle_for(label)
             if published is not None and self._fingerprint_key is not None:
                 named = ResponsePolicy.build(published, self._fingerprint_key)
-                self._policies[label] = named
+                self._policies.put(label, named)
         return named if named is not None else self.response_policy
 
     @property

@@ -41,7 +41,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -57,7 +57,7 @@ from services.forwarder.guard import (
 from skillgate import events, topics
 from skillgate.codec import AvroCodec, CodecError
 from skillgate.config import KafkaSettings
-from skillgate.errors import new_request_id
+from skillgate.errors import sse_error_frame
 from skillgate.events import CALL_CANCELLED, CALL_REPLY, CallDecided, CallReply, MaskedValue
 from skillgate.kafka import make_consumer, stop_reader
 from skillgate.policy.masking import mask_citation
@@ -72,25 +72,15 @@ __all__ = [
     "SSEParser",
     "StreamGuard",
     "end_reply",
-    "error_frame",
     "sse_frame",
 ]
 
 #: Response headers of a stream for the caller (the upstream's content-type is kept as sent).
-STREAM_CONTENT_TYPE: Final = "text/event-stream"
 
 
 def sse_frame(name: str, data: Any) -> bytes:
     """One server-sent event as the Messages API writes it."""
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
-
-
-def error_frame(error_type: str, message: str) -> bytes:
-    """An Anthropic ``error`` event (what the SDKs raise as an ``APIStatusError`` mid-stream)."""
-    return sse_frame(
-        "error",
-        {"type": "error", "error": {"type": error_type, "message": message}, "request_id": new_request_id()},
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,13 +182,15 @@ class StreamGuard:
         self._check_tools = bool(policy.bundle.tool_rules) or bool(self._types)
         self.message: dict[str, Any] = {}
         self._blocks: dict[int, dict[str, Any]] = {}
+        #: Text and thinking deltas of each block, joined only when assembled (appending to a
+        #: growing string would copy the whole answer at every delta).
+        self._grown: dict[tuple[int, str], list[str]] = {}
         self._json: dict[int, list[str]] = {}
         self.tools_blocked = 0
         self.tools_passed = 0
         self.refused = False
         self.error: dict[str, Any] | None = None
         self.stopped = False  # message_stop seen
-        self.first_content = False  # a content delta arrived
 
     # -- events ------------------------------------------------------------------------------
 
@@ -231,18 +223,7 @@ class StreamGuard:
     def assembled(self) -> dict[str, Any]:
         """The whole answer as a non-streamed response would carry it (for the record)."""
         message = dict(self.message)
-        content = []
-        for index in sorted(self._blocks):
-            block = dict(self._blocks[index])
-            parts = self._json.get(index)
-            if block.get("type") in TOOL_BLOCKS and parts is not None:
-                text = "".join(parts)
-                try:
-                    block["input"] = orjson.loads(text) if text.strip() else {}
-                except orjson.JSONDecodeError:
-                    block["input"] = {"partial_json": text}  # cut short: kept as text
-            content.append(block)
-        message["content"] = content
+        message["content"] = [self.assembled_block(index) for index in sorted(self._blocks)]
         return message
 
     # -- blocks ------------------------------------------------------------------------------
@@ -281,10 +262,9 @@ class StreamGuard:
         assert isinstance(delta, dict)
         dtype = delta.get("type")
         block = self._blocks.setdefault(index, {"type": "text", "text": ""})
-        self.first_content = True
         if dtype == "text_delta":
             text = str(delta.get("text", ""))
-            block["text"] = str(block.get("text", "")) + text
+            self._grown.setdefault((index, "text"), []).append(text)
             masker = self._maskers.get(index)
             if masker is None:
                 return [ev.raw]
@@ -298,7 +278,7 @@ class StreamGuard:
                 return []
             return [ev.raw]
         if dtype == "thinking_delta":
-            block["thinking"] = str(block.get("thinking", "")) + str(delta.get("thinking", ""))
+            self._grown.setdefault((index, "thinking"), []).append(str(delta.get("thinking", "")))
         elif dtype == "signature_delta":
             block["signature"] = str(delta.get("signature", ""))
         elif dtype == "citations_delta":
@@ -350,7 +330,7 @@ class StreamGuard:
         if matches and matches[0].action == "block_response":
             self.refused = True
             self.tools_blocked += 1
-            return [error_frame("permission_error", refusal_message(matches))]
+            return [sse_error_frame("permission_error", refusal_message(matches))]
         if matches:
             self.tools_blocked += 1
             explanation = matches[0].explanation
@@ -391,8 +371,12 @@ class StreamGuard:
         return [*held.frames, stop.raw]
 
     def assembled_block(self, index: int) -> dict[str, Any]:
-        """Block ``index`` as assembled so far (tool input parsed)."""
+        """Block ``index`` as assembled so far (text joined, tool input parsed)."""
         block = dict(self._blocks.get(index, {}))
+        for name in ("text", "thinking"):
+            grown = self._grown.get((index, name))
+            if grown is not None:
+                block[name] = str(block.get(name, "")) + "".join(grown)
         parts = self._json.get(index)
         if parts is not None:
             text = "".join(parts)
@@ -463,8 +447,6 @@ class ChunkRelay:
         self._closed = False
         self.seq = 0
         self.frames_sent = 0
-        self.bytes_sent = 0
-        self.first_sent_at: float | None = None
         self._task = asyncio.create_task(self._run(), name=f"relay-{decided['call_id']}")
 
     def add(self, frames: list[bytes]) -> None:
@@ -515,11 +497,8 @@ class ChunkRelay:
                     )
                     while len(acks) >= self._in_flight:
                         await acks.popleft()
-                if self.first_sent_at is None:
-                    self.first_sent_at = time.perf_counter()
                 self.seq += 1
                 self.frames_sent += take
-                self.bytes_sent += size
             if self._closed:
                 while acks:
                     await acks.popleft()
@@ -602,10 +581,6 @@ class CancelWatcher:
     def unwatch(self, call_id: str) -> None:
         """The stream of ``call_id`` ended."""
         self._streams.pop(call_id, None)
-
-    def cancelled(self, call_id: str) -> bool:
-        """Whether a cancellation of ``call_id`` was read."""
-        return call_id in self._recent
 
     def cancel(self, call_id: str) -> None:
         """Mark ``call_id`` cancelled (what a ``CallCancelled`` message does)."""

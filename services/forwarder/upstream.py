@@ -15,6 +15,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -137,12 +138,41 @@ class Upstreams:
         ``text/event-stream`` response is open it is returned as it is, never retried: a stream
         that breaks later may have been processed (and billed).
         """
+        return await self._send(name, method, path, query, headers, body, keep_open=_open_stream)
+
+    async def call(
+        self, name: str, method: str, path: str, query: str, headers: dict[str, str], body: bytes
+    ) -> UpstreamResult:
+        """Send one call upstream, retrying as described in the module docstring."""
+        sent = await self._send(name, method, path, query, headers, body, keep_open=None)
+        assert sent.result is not None  # nothing is kept open without keep_open
+        return sent.result
+
+    async def _send(
+        self,
+        name: str,
+        method: str,
+        path: str,
+        query: str,
+        headers: dict[str, str],
+        body: bytes,
+        keep_open: Callable[[httpx.Response], bool] | None,
+    ) -> UpstreamStream:
+        """The retry loop of :meth:`call` and :meth:`open_stream`.
+
+        A response ``keep_open`` accepts is returned open, unread; any other is read whole, then
+        retried or returned as the final result.
+        """
         client, send_headers = self._prepare(name, headers)
         url = path + (f"?{query}" if query else "")
         s = self._settings
         attempts: list[UpstreamAttempt] = []
         started = time.perf_counter()
         delay = s.backoff_initial_seconds
+
+        def final(result: UpstreamResult) -> UpstreamStream:
+            return UpstreamStream(result, None, result.headers, attempts, started)
+
         while True:
             number = len(attempts) + 1
             t0 = time.perf_counter()
@@ -153,26 +183,25 @@ class Upstreams:
             except httpx.HTTPError as exc:
                 attempts.append(_attempt(number, at, t0, 0, describe(exc), None, None))
                 if not never_sent(exc):
+                    # Sent, but no complete answer: the upstream may have processed it; no retry.
                     error = f"upstream did not answer: {describe(exc)}"
-                    result = UpstreamResult(0, {}, b"", attempts, error, _ms(started), maybe_processed=True)
-                    return UpstreamStream(result, None, {}, attempts, started)
+                    return final(
+                        UpstreamResult(0, {}, b"", attempts, error, _ms(started), maybe_processed=True)
+                    )
                 if number >= s.max_attempts:
                     error = f"upstream unreachable: {describe(exc)}"
-                    result = UpstreamResult(0, {}, b"", attempts, error, _ms(started))
-                    return UpstreamStream(result, None, {}, attempts, started)
-                await asyncio.sleep(_jitter(delay))
+                    return final(UpstreamResult(0, {}, b"", attempts, error, _ms(started)))
+                await asyncio.sleep(_jitter(delay))  # never reached the upstream: safe to retry
                 delay = min(delay * 2, s.backoff_max_seconds)
                 continue
             advice = _answered(attempts, number, at, t0, resp)
-            is_sse = resp.headers.get("content-type", "").startswith("text/event-stream")
-            if 200 <= resp.status_code < 300 and is_sse:
+            if keep_open is not None and keep_open(resp):
                 return UpstreamStream(None, resp, relay_headers(resp.headers), attempts, started)
             try:
                 content = await resp.aread()
             except httpx.HTTPError as exc:
                 error = f"upstream did not answer: {describe(exc)}"
-                result = UpstreamResult(0, {}, b"", attempts, error, _ms(started), maybe_processed=True)
-                return UpstreamStream(result, None, {}, attempts, started)
+                return final(UpstreamResult(0, {}, b"", attempts, error, _ms(started), maybe_processed=True))
             finally:
                 await resp.aclose()
             wait = _retry_wait(resp, advice, delay, number, s)
@@ -181,54 +210,18 @@ class Upstreams:
                 await asyncio.sleep(wait)
                 delay = min(delay * 2, s.backoff_max_seconds)
                 continue
-            result = UpstreamResult(
-                resp.status_code, relay_headers(resp.headers), content, attempts, None, _ms(started)
+            return final(
+                UpstreamResult(
+                    resp.status_code, relay_headers(resp.headers), content, attempts, None, _ms(started)
+                )
             )
-            return UpstreamStream(result, None, result.headers, attempts, started)
 
-    async def call(
-        self, name: str, method: str, path: str, query: str, headers: dict[str, str], body: bytes
-    ) -> UpstreamResult:
-        """Send one call upstream, retrying as described in the module docstring."""
-        client, send_headers = self._prepare(name, headers)
-        url = path + (f"?{query}" if query else "")
-        s = self._settings
-        attempts: list[UpstreamAttempt] = []
-        started = time.perf_counter()
-        delay = s.backoff_initial_seconds
-        while True:
-            number = len(attempts) + 1
-            t0 = time.perf_counter()
-            at = now_micros()
-            try:
-                resp = await client.request(method, url, headers=send_headers, content=body)
-            except httpx.HTTPError as exc:
-                attempts.append(_attempt(number, at, t0, 0, describe(exc), None, None))
-                if not never_sent(exc):
-                    # Sent, but no complete answer: the upstream may have processed it; no retry.
-                    error = f"upstream did not answer: {describe(exc)}"
-                    return UpstreamResult(0, {}, b"", attempts, error, _ms(started), maybe_processed=True)
-                if number >= s.max_attempts:
-                    error = f"upstream unreachable: {describe(exc)}"
-                    return UpstreamResult(0, {}, b"", attempts, error, _ms(started))
-                await asyncio.sleep(_jitter(delay))  # never reached the upstream: safe to retry
-                delay = min(delay * 2, s.backoff_max_seconds)
-                continue
-            advice = _answered(attempts, number, at, t0, resp)
-            wait = _retry_wait(resp, advice, delay, number, s)
-            if wait is not None:
-                log.info("retrying upstream", extra={"status": resp.status_code, "wait_s": wait})
-                await asyncio.sleep(wait)
-                delay = min(delay * 2, s.backoff_max_seconds)
-                continue
-            return UpstreamResult(
-                resp.status_code,
-                relay_headers(resp.headers),
-                resp.content,
-                attempts,
-                None,
-                _ms(started),
-            )
+
+def _open_stream(resp: httpx.Response) -> bool:
+    """A 2xx ``text/event-stream`` answer: the stream has started and is relayed as it comes."""
+    return 200 <= resp.status_code < 300 and resp.headers.get("content-type", "").startswith(
+        "text/event-stream"
+    )
 
 
 @dataclass

@@ -221,7 +221,7 @@ def create_router(deps_dependency: Any, authenticated: Any) -> APIRouter:
     async def list_approvals(
         identity: Annotated[Identity, Depends(authenticated)],
         deps: Annotated[Any, Depends(deps_dependency)],
-        state: Annotated[str, Query(pattern="^(pending|approved|denied|expired|all)$")] = "pending",
+        state: Annotated[str, Query(pattern=f"^({'|'.join((*STATES, 'all'))})$")] = "pending",
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> Response:
         """Approvals routed to the caller's groups, newest first, by state (default: pending)."""

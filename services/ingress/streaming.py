@@ -39,7 +39,7 @@ from services.ingress.approvals import pending_error_headers, pending_message
 from services.ingress.replies import ReplyRouter, Waiter
 from skillgate import events
 from skillgate.codec import AvroCodec
-from skillgate.errors import GatewayError, error_body, new_request_id
+from skillgate.errors import GatewayError, sse_error_frame
 from skillgate.events import CALL_CANCELLED, CallCancelled, CallReply, CallSubmitted
 
 log = logging.getLogger(__name__)
@@ -54,12 +54,6 @@ PINGS = Counter("skillgate_ingress_stream_pings_total", "Keep-alive pings sent t
 PING_FRAME: Final = b'event: ping\ndata: {"type": "ping"}\n\n'
 #: Tasks publishing cancellations (kept referenced until they finish).
 _BACKGROUND: set[asyncio.Task[None]] = set()
-
-
-def error_frame(error_type: str, message: str) -> bytes:
-    """An Anthropic ``error`` event for the caller's stream."""
-    rid = new_request_id()
-    return b"event: error\ndata: " + error_body(500, message, rid, error_type) + b"\n\n"
 
 
 class StreamCall:
@@ -208,7 +202,7 @@ class StreamCall:
                         if orphan in done:
                             ended = True
                             STREAM_OUTCOMES.labels("orphaned").inc()
-                            yield error_frame(
+                            yield sse_error_frame(
                                 "api_error",
                                 f"skillgate lost this stream's reply channel (replicas rebalanced); call "
                                 f"{call_id} still completes and is recorded",
@@ -217,7 +211,7 @@ class StreamCall:
                         idle += self.ping_seconds
                         if idle >= self.idle_timeout:
                             STREAM_OUTCOMES.labels("idle_timeout").inc()
-                            yield error_frame(
+                            yield sse_error_frame(
                                 "timeout_error", f"call {call_id} sent nothing for {idle:.0f} s"
                             )
                             return
@@ -236,7 +230,7 @@ class StreamCall:
                         return
                     if reply["seq"] != expected:
                         ended = True
-                        yield error_frame("api_error", f"stream of call {call_id} lost chunk {expected}")
+                        yield sse_error_frame("api_error", f"stream of call {call_id} lost chunk {expected}")
                         return
                     expected += 1
                     delivered += 1

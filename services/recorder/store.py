@@ -16,14 +16,13 @@ import logging
 import re
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import clickhouse_connect
 import orjson
@@ -34,11 +33,9 @@ from clickhouse_connect.driver.insert import InsertContext
 from services.recorder import chain, handlers, records
 from services.recorder.config import ClickHouseSettings, RetentionSettings
 from services.recorder.search import EXPORT_FORMATS, SEARCH_COLUMNS, CallSearch, encode_cursor
+from skillgate.lru import BoundedCache
 
 log = logging.getLogger(__name__)
-
-K = TypeVar("K")
-V = TypeVar("V")
 
 MIGRATION_FILE = re.compile(r"^(\d{4})_[A-Za-z0-9_]+\.sql$")
 MAX_QUERY_CHARS = 100_000
@@ -290,44 +287,6 @@ class InsertStats:
         self.rejected.extend(other.rejected)
 
 
-class _Bounded(Generic[K, V]):
-    """A least-recently-used map bounded by the total weight of its values."""
-
-    def __init__(self, max_weight: int, weigh: Callable[[V], int]) -> None:
-        self._items: OrderedDict[K, tuple[V, int]] = OrderedDict()
-        self._max = max_weight
-        self._weigh = weigh
-        self.weight = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, key: K) -> V | None:
-        """The value of ``key`` (now the most recently used), or None."""
-        item = self._items.get(key)
-        if item is None:
-            return None
-        self._items.move_to_end(key)
-        return item[0]
-
-    def put(self, key: K, value: V) -> None:
-        """Keep ``value`` under ``key``, evicting the least recently used beyond the bound."""
-        old = self._items.pop(key, None)
-        if old is not None:
-            self.weight -= old[1]
-        weight = self._weigh(value)
-        self._items[key] = (value, weight)
-        self.weight += weight
-        while self.weight > self._max and self._items:
-            _, (_, evicted) = self._items.popitem(last=False)
-            self.weight -= evicted
-
-    def clear(self) -> None:
-        """Forget everything."""
-        self._items.clear()
-        self.weight = 0
-
-
 def _fold_weight(fold: records.CallFold) -> int:
     # The bodies dominate; the rest of a fold is a few hundred bytes.
     return len(fold.request_body) + len(str(fold.terminal[4] or "")) + 1024
@@ -379,9 +338,11 @@ class AuditStore:
     ) -> None:
         self.settings = settings
         #: Folds of the calls written recently (see _write_call_records), bounded by body size.
-        self._folds: _Bounded[str, records.CallFold] = _Bounded(fold_cache_bytes, _fold_weight)
+        self._folds: BoundedCache[str, records.CallFold] = BoundedCache(fold_cache_bytes, _fold_weight)
         #: Conversation hash -> resolved session of recently written calls (~200 bytes each).
-        self._conversations: _Bounded[str, str] = _Bounded(max(1, fold_cache_bytes // 4), lambda _: 200)
+        self._conversations: BoundedCache[str, str] = BoundedCache(
+            max(1, fold_cache_bytes // 4), lambda _: 200
+        )
         self._forget = False
         #: HMAC key of the tamper-evidence checkpoints; None: batches are not sealed.
         self._checkpoint_key = checkpoint_key

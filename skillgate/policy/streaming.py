@@ -316,11 +316,6 @@ class StreamTextMasker:
         self._context = ""
 
     @property
-    def active(self) -> bool:
-        """Whether anything is masked at all (otherwise deltas pass through unchanged)."""
-        return bool(self._types)
-
-    @property
     def held(self) -> int:
         """Characters received but not released yet."""
         return len(self._pending)

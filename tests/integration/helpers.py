@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import orjson
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from services.cli.stack import Stack
@@ -58,6 +59,22 @@ def recorded_call(
         return None
 
     return wait_for(probe, timeout=timeout)
+
+
+def recorded_event(stack: Stack, token: str, call_id: str, kind: str = "CallCompleted") -> dict[str, Any]:
+    """The payload of the call's ``kind`` event in the audit store's event log (waits for it)."""
+
+    def probe() -> dict[str, Any] | None:
+        rows = sql(
+            stack,
+            token,
+            f"SELECT payload FROM events WHERE call_id = '{call_id}' AND event_type = '{kind}'",  # noqa: S608
+        )
+        return orjson.loads(rows[0]["payload"]) if rows else None
+
+    found = wait_for(probe, timeout=30)
+    assert isinstance(found, dict)
+    return found
 
 
 def stub_requests(stack: Stack, contains: str) -> list[dict[str, Any]]:

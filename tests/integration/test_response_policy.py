@@ -11,15 +11,13 @@ import json
 import secrets
 import string
 import uuid
-from typing import Any
 
 import httpx
 import orjson
 import pytest
 
 from services.cli.stack import Stack
-from tests.conftest import wait_for
-from tests.integration.helpers import recorded_call, sql, stub_requests
+from tests.integration.helpers import recorded_call, recorded_event, stub_requests
 
 pytestmark = pytest.mark.integration
 
@@ -36,22 +34,6 @@ def call(stack: Stack, token: str, prompt: str) -> httpx.Response:
         headers={"authorization": f"Bearer {token}", "anthropic-version": "2023-06-01"},
         timeout=60,
     )
-
-
-def completed_event(stack: Stack, token: str, call_id: str) -> dict[str, Any]:
-    """The CallCompleted row of ``call_id`` in the audit store's event log, as a dict."""
-
-    def probe() -> dict[str, Any] | None:
-        rows = sql(
-            stack,
-            token,
-            f"SELECT payload FROM events WHERE call_id = '{call_id}' AND event_type = 'CallCompleted'",  # noqa: S608
-        )
-        return orjson.loads(rows[0]["payload"]) if rows else None
-
-    found = wait_for(probe, timeout=30)
-    assert isinstance(found, dict)
-    return found
 
 
 def test_echoed_pii_reaches_the_caller_and_record_masked(
@@ -75,7 +57,7 @@ def test_echoed_pii_reaches_the_caller_and_record_masked(
     assert row["state"] == "completed"
     assert "[EMAIL_1]" in row["response_body"] and email not in row["response_body"]
     assert email not in row["request_body"]
-    completed = completed_event(stack, auditor_token, call_id)
+    completed = recorded_event(stack, auditor_token, call_id)
     assert [(m["type"], m["scope"]) for m in completed["masked"]] == [("EMAIL", "upstream")]
     assert email not in json.dumps(completed)
 
@@ -108,7 +90,7 @@ def test_destructive_tool_use_is_blocked_and_recorded(
     assert "rm -rf" not in resp.text
 
     call_id = resp.headers["x-skillgate-call-id"]
-    completed = completed_event(stack, auditor_token, call_id)
+    completed = recorded_event(stack, auditor_token, call_id)
     [blocked] = completed["blocked_tools"]
     assert blocked["tool"] == "bash" and blocked["rule_id"] == "destructive-shell"
     assert blocked["action"] == "block_tool" and blocked["tool_use_id"].startswith("toolu_")
@@ -129,5 +111,5 @@ def test_harmless_tool_use_passes_unchanged(stack: Stack, alice_token: str, audi
     assert doc["stop_reason"] == "tool_use"
     tool = doc["content"][1]
     assert tool["type"] == "tool_use" and tool["name"] == "bash" and tool["input"] == {"command": "ls -la"}
-    completed = completed_event(stack, auditor_token, resp.headers["x-skillgate-call-id"])
+    completed = recorded_event(stack, auditor_token, resp.headers["x-skillgate-call-id"])
     assert completed["blocked_tools"] == [] and completed["masked"] == []

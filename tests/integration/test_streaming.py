@@ -20,14 +20,20 @@ from typing import Any
 
 import anthropic
 import httpx
-import orjson
 import pytest
 
 from services.cli.stack import Stack
 from skillgate.codec import default_codec
 from tests.conftest import wait_for
 from tests.integration.conftest import _session_stack
-from tests.integration.helpers import read_topics, recorded_call, sql, stack_kafka, stub_requests
+from tests.integration.helpers import (
+    read_topics,
+    recorded_call,
+    recorded_event,
+    sql,
+    stack_kafka,
+    stub_requests,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -100,20 +106,6 @@ def raw_events(
     return resp, out
 
 
-def completed_payload(stack: Stack, token: str, call_id: str, kind: str = "CallCompleted") -> dict[str, Any]:
-    def probe() -> dict[str, Any] | None:
-        rows = sql(
-            stack,
-            token,
-            f"SELECT payload FROM events WHERE call_id = '{call_id}' AND event_type = '{kind}'",  # noqa: S608
-        )
-        return orjson.loads(rows[0]["payload"]) if rows else None
-
-    found = wait_for(probe, timeout=30)
-    assert isinstance(found, dict)
-    return found
-
-
 def test_text_stream_with_the_python_sdk(sstack: Stack, token: str, auditor: str) -> None:
     marker = uuid.uuid4().hex[:10]
     prompt = f"Tell me about streams {marker}. " + "More words here. " * 20
@@ -129,7 +121,7 @@ def test_text_stream_with_the_python_sdk(sstack: Stack, token: str, auditor: str
     row = recorded_call(sstack, auditor, call_id)
     assert row["state"] == "completed"
     assert json.loads(row["response_body"])["content"][0]["text"] == text  # the assembled message
-    completed = completed_payload(sstack, auditor, call_id)
+    completed = recorded_event(sstack, auditor, call_id)
     assert completed["stream"] is True
     assert (
         completed["first_token_ms"] is not None and 0 < completed["first_token_ms"] <= completed["latency_ms"]
@@ -208,7 +200,7 @@ def test_secret_split_across_chunks_is_masked(sstack: Stack, token: str, auditor
     assert GITHUB[:10] not in text and "example.net" not in text
     row = recorded_call(sstack, auditor, call_id)
     assert GITHUB not in row["response_body"] and email not in row["response_body"]
-    completed = completed_payload(sstack, auditor, call_id)
+    completed = recorded_event(sstack, auditor, call_id)
     assert {m["type"] for m in completed["masked"]} == {"GITHUB_TOKEN", "EMAIL"}
     # nothing unmasked on calls.replies either (every chunk of every call)
     import asyncio
@@ -247,7 +239,7 @@ def test_blocked_command_in_a_stream(sstack: Stack, token: str, auditor: str) ->
     assert delta["delta"]["stop_reason"] == "end_turn"
     call_id = resp.headers["x-skillgate-call-id"]
     row = recorded_call(sstack, auditor, call_id)
-    completed = completed_payload(sstack, auditor, call_id)
+    completed = recorded_event(sstack, auditor, call_id)
     assert [b["rule_id"] for b in completed["blocked_tools"]] == ["destructive-shell"]
     assert row["state"] == "completed"
     # the SDK's helper assembles the replaced block as text
@@ -277,9 +269,9 @@ def test_client_disconnect_cancels_the_upstream(sstack: Stack, token: str, audit
     assert isinstance(seen, list) and seen[0]["stream_outcome"] == "disconnected"
     row = recorded_call(sstack, auditor, call_id)
     assert row["state"] == "failed"
-    failed = completed_payload(sstack, auditor, call_id, "CallFailed")
+    failed = recorded_event(sstack, auditor, call_id, "CallFailed")
     assert failed["error_type"] == "client_disconnected" and failed["status"] == 499
-    cancelled = completed_payload(sstack, auditor, call_id, "CallCancelled")
+    cancelled = recorded_event(sstack, auditor, call_id, "CallCancelled")
     assert cancelled["reason"] == "client_disconnected" and cancelled["chunks_delivered"] >= 1
 
 
@@ -318,10 +310,10 @@ def test_disconnect_before_the_forwarder_started_is_not_missed(
         sstack.start_service("forwarder")
     row = recorded_call(sstack, auditor, call_id, timeout=90)
     assert row["state"] == "failed"
-    failed = completed_payload(sstack, auditor, call_id, "CallFailed")
+    failed = recorded_event(sstack, auditor, call_id, "CallFailed")
     assert failed["error_type"] == "client_disconnected" and failed["status"] == 499
     assert stub_requests(sstack, marker) == []  # never forwarded
-    cancelled = completed_payload(sstack, auditor, call_id, "CallCancelled")
+    cancelled = recorded_event(sstack, auditor, call_id, "CallCancelled")
     assert cancelled["reason"] == "client_disconnected" and cancelled["chunks_delivered"] == 0
 
 
@@ -341,7 +333,7 @@ def test_upstream_error_mid_stream(sstack: Stack, token: str, auditor: str) -> N
     assert "Overloaded" in str(caught.value)
     row = recorded_call(sstack, auditor, call_id)
     assert row["state"] == "failed"
-    failed = completed_payload(sstack, auditor, call_id, "CallFailed")
+    failed = recorded_event(sstack, auditor, call_id, "CallFailed")
     assert failed["error_type"] == "overloaded_error" and failed["status"] == 529
     # what streamed before the error is kept in the record (3 deltas of 8 characters)
     assert json.loads(row["response_body"])["content"][0]["text"].startswith("echo: break")

@@ -53,6 +53,8 @@ class ToolApprovals:
         )
         if grant is None:
             return False
+        if any(g["tool_use_id"] == tool_use_id for g in self.granted):
+            return True  # checked already (a streamed block, then the assembled answer)
         self.granted.append(
             BlockedTool(
                 tool_use_id=tool_use_id,

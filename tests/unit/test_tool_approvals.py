@@ -110,6 +110,13 @@ def test_a_grant_lets_exactly_the_approved_command_through() -> None:
         approvals=_context(grants),
     )
     assert orjson.loads(other.caller_body)["content"][1]["type"] == "text"  # another command: held
+    # A streamed block is checked twice (input complete, then the assembled answer): one entry.
+    twice = _context(grants)
+    for _ in range(2):
+        checked = guard_response(
+            POLICY, 200, HEADERS, _answer(command), mask_upstream=[], mask_record=[], approvals=twice
+        )
+    assert [b["action"] for b in checked.blocked] == ["allowed_by_grant"]
 
 
 def test_without_a_context_approval_rules_block() -> None:

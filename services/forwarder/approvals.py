@@ -19,9 +19,10 @@ from typing import Any
 import orjson
 
 from skillgate import events
-from skillgate.events import ApprovalRequested, BlockedTool, CallDecided
+from skillgate.events import ApprovalRequested, ApprovalResolved, BlockedTool, CallDecided
 from skillgate.policy.bundle import ApprovalSpec, CompiledToolRule
 from skillgate.policy.grants import Grants
+from skillgate.policy.masking import redact_excerpt
 
 
 def command_digest(tool_input: Any) -> str:
@@ -45,16 +46,17 @@ class ToolApprovals:
         derived = events.derived_event_id(self.call["call_id"], f"tool-approval:{tool_use_id}")
         return "apr_" + derived.replace("-", "")[:24]
 
-    def covered(self, rule: CompiledToolRule, tool: str, tool_use_id: str, tool_input: Any) -> bool:
-        """Whether the caller holds a grant for this command under ``rule`` (noted in
-        :attr:`granted`, which the record keeps with the other checked tool calls)."""
-        grant = self.grants.active(
+    def grant_for(self, rule: CompiledToolRule, tool_input: Any) -> ApprovalResolved | None:
+        """The caller's grant that covers this command under ``rule``, if any."""
+        return self.grants.active(
             self.call["identity"]["subject"], rule.rule.id, events.now_micros(), command_digest(tool_input)
         )
-        if grant is None:
-            return False
-        if any(g["tool_use_id"] == tool_use_id for g in self.granted):
-            return True  # checked already (a streamed block, then the assembled answer)
+
+    def allow(self, rule: CompiledToolRule, tool: str, tool_use_id: str, grant: ApprovalResolved) -> None:
+        """Note a tool call a grant let through in :attr:`granted` (the record keeps it with
+        the other checked tool calls); once, however often the block is checked."""
+        if any(g["tool_use_id"] == tool_use_id and g["rule_id"] == rule.rule.id for g in self.granted):
+            return  # checked already (a streamed block, then the assembled answer)
         self.granted.append(
             BlockedTool(
                 tool_use_id=tool_use_id,
@@ -64,13 +66,13 @@ class ToolApprovals:
                 action="allowed_by_grant",
             )
         )
-        return True
 
     def request(
         self, rule: CompiledToolRule, tool: str, tool_use_id: str, tool_input: Any, shown: Any
     ) -> str:
         """Ask for approval of one tool call; returns its approval id. ``shown`` is the input as
-        the record has it (masked for the record): the approver's excerpt."""
+        the record has it (masked for the record): the approver's excerpt, with any credential
+        left in it redacted."""
         approval_id = self.approval_id(tool_use_id)
         if any(r["approval_id"] == approval_id for r in self.requests):
             return approval_id
@@ -97,7 +99,7 @@ class ToolApprovals:
                     f"{who} ({', '.join(ident['groups']) or 'no groups'}): {call['model'] or 'the model'} "
                     f"wants to run tool `{tool}`. Rule {rule.rule.id}: {rule.rule.reason}"
                 )[:1000],
-                excerpt=command[:500],
+                excerpt=redact_excerpt(command, 500),
                 approver_groups=list(spec.groups),
                 quorum=spec.quorum,
                 expires_at=now + spec.timeout_seconds * 1_000_000,

@@ -199,9 +199,9 @@ def find_blocked_tools(
 
     Per block, the strongest action wins (``block_response``, then ``block_tool``, then
     ``require_approval``), then bundle order. Blocks without a string ``name`` are checked
-    against the rules that apply to every tool. With ``approvals``, a ``require_approval`` hit
-    that a grant of the caller covers does not stop the block; without, it blocks like
-    ``block_tool``.
+    against the rules that apply to every tool. With ``approvals``, a block that only
+    ``require_approval`` rules hit, each covered by a grant of the caller, passes (and is noted
+    as allowed by those grants); without, ``require_approval`` blocks like ``block_tool``.
     """
     if not tool_rules:
         return []
@@ -218,13 +218,16 @@ def find_blocked_tools(
         hits = [r for r in rules if _matches(r, texts)]
         raw_id = block.get("id")
         block_id = raw_id if isinstance(raw_id, str) else ""
-        if approvals is not None:
-            hits = [
-                r
-                for r in hits
-                if r.rule.action != "require_approval"
-                or not approvals.covered(r, tool, block_id, block.get("input"))
-            ]
+        if approvals is not None and hits and all(r.rule.action == "require_approval" for r in hits):
+            # Grants only matter when nothing stronger stops the block: a blocked call must
+            # never be recorded as allowed by a grant.
+            grants = [approvals.grant_for(r, block.get("input")) for r in hits]
+            if all(grant is not None for grant in grants):
+                for rule, grant in zip(hits, grants, strict=True):
+                    if grant is not None:
+                        approvals.allow(rule, tool, block_id, grant)
+                continue
+            hits = [r for r, grant in zip(hits, grants, strict=True) if grant is None]
         if not hits:
             continue
         strongest = min(hits, key=lambda r: _STRENGTH.get(r.rule.action, 1))

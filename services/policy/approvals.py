@@ -33,6 +33,7 @@ from skillgate.policy import quorum
 from skillgate.policy.bundle import ApprovalSpec
 from skillgate.policy.engine import Verdict, estimate_tokens, prompt_text, skills_of, tools_of
 from skillgate.policy.grants import ONE_TIME_TOOL_GRANT_SECONDS
+from skillgate.policy.masking import redact_excerpt
 
 #: Longest excerpt of the (masked) prompt shown to approvers.
 EXCERPT_CHARS = 500
@@ -93,7 +94,8 @@ def approval_request(
         rule_ids=verdict.rule_ids,
         reason=verdict.reason,
         summary=summary[:1000],
-        excerpt=excerpt[:EXCERPT_CHARS],  # from the body as recorded: masked for the record
+        # From the body as recorded (masked for the record), credentials redacted in any case.
+        excerpt=redact_excerpt(excerpt, EXCERPT_CHARS),
         approver_groups=list(spec.groups),
         quorum=spec.quorum,
         expires_at=created + spec.timeout_seconds * 1_000_000,

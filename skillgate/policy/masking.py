@@ -30,6 +30,7 @@ documents, tool definitions, metadata) passes through untouched.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from skillgate.events import MaskedValue
-from skillgate.policy.detectors import DetectorSet, Finding
+from skillgate.policy.detectors import SECRET_TYPES, DetectorSet, Finding
 
 __all__ = [
     "LayeredMaskResult",
@@ -623,3 +624,32 @@ def _child(path: str, key: str) -> str:
     if key and key.isidentifier() and key.isascii():
         return f"{path}.{key}" if path else key
     return f"{path}[{json.dumps(key, ensure_ascii=False)}]"
+
+
+#: How far past an excerpt's end secrets are still looked for, so that a value the cut falls
+#: inside is found whole (the longest built-in, a PEM private key, is ~3.3 KB).
+EXCERPT_MARGIN = 4096
+
+
+@functools.cache
+def _secret_detectors() -> DetectorSet:
+    return DetectorSet(types=SECRET_TYPES)
+
+
+def redact_excerpt(text: str, limit: int) -> str:
+    """The first ``limit`` characters of ``text`` with every credential replaced by ``[TYPE]``.
+
+    Approval excerpts travel further than any record (approval events, the approvals API,
+    webhooks, chat notifications) and come from the body as recorded, which a bundle may mask
+    only partly or not at all: credentials are therefore redacted here whatever the bundle says.
+    Redacting happens before cutting, so a secret the cut falls inside is not half kept.
+    """
+    window = text[: limit + EXCERPT_MARGIN]
+    out: list[str] = []
+    pos = 0
+    for finding in _secret_detectors().scan(window):
+        out.append(window[pos : finding.start])
+        out.append(f"[{finding.type}]")
+        pos = finding.end
+    out.append(window[pos:])
+    return "".join(out)[:limit]

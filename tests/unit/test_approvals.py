@@ -86,6 +86,27 @@ def test_request_is_a_concise_summary_from_the_record_masked_body() -> None:
     assert ApprovalState.loads(state.dumps()) == state
 
 
+def test_credentials_never_reach_an_excerpt_even_when_the_bundle_keeps_them() -> None:
+    """A bundle that masks nothing for the record still never shows approvers a credential:
+    excerpts reach events, webhooks and chat. A key cut by the excerpt's end is not half kept."""
+    token = "ghp_Zx9Qw2Er4Ty6Ui8Op0As1Df3Gh5Jk7Lm9Nb2V"
+    text = "x" * (approvals.EXCERPT_CHARS - 10) + f" {token} deploy with this"
+    submitted = _submitted(_person("alice", ["eng"]), text)
+    verdict = Verdict(
+        decision="require_approval",
+        reason="needs a human",
+        rule_ids=["hold"],
+        body=submitted["body"],
+        record_body=None,  # the record keeps the prompt as sent
+        approval=ApprovalSpec(),
+        approval_rule="hold",
+    )
+    request = approvals.approval_request(submitted, "b@1", verdict, now=NOW)
+    excerpt = request["excerpt"]
+    assert token[:9] not in excerpt and excerpt.endswith(" [GITHUB_T")  # cut inside the placeholder
+    assert len(excerpt) == approvals.EXCERPT_CHARS
+
+
 def test_requester_and_outsiders_cannot_decide() -> None:
     requester = _person("dave", ["eng", "approvers"])
     state = _state(ApprovalSpec(), requester)

@@ -11,8 +11,7 @@ from skillgate.policy.bundle import parse_bundle
 from skillgate.policy.grants import Grants
 from tests import factories
 
-BUNDLE = parse_bundle(
-    """
+BUNDLE_SOURCE = """
 name: tool-approvals
 version: "1"
 tool_rules:
@@ -23,7 +22,7 @@ tool_rules:
     reason: deploys need a second pair of eyes
     approval: {groups: [sre], timeout_seconds: 120, max_window_seconds: 600}
 """
-)
+BUNDLE = parse_bundle(BUNDLE_SOURCE)
 POLICY = ResponsePolicy.build(BUNDLE, b"k" * 32)
 HEADERS = {"content-type": "application/json"}
 
@@ -70,13 +69,23 @@ def test_a_held_tool_call_is_explained_and_asked_for() -> None:
     assert record["content"][1]["skillgate_blocked"]["approval_id"] == request["approval_id"]
 
 
-def test_a_grant_lets_exactly_the_approved_command_through() -> None:
+def test_a_credential_in_a_held_command_never_reaches_the_approval_request() -> None:
+    """Nothing is masked for the record here, yet the approvers' excerpt (approval events, the
+    webhook, chat) shows the command with the key redacted; the digest still covers the command."""
     approvals = _context()
-    command = "kubectl apply -f deploy.yaml"
+    key = "ghp_Zx9Qw2Er4Ty6Ui8Op0As1Df3Gh5Jk7Lm9Nb2V"
+    command = f"GITHUB_TOKEN={key} kubectl apply -f deploy.yaml"
     guard_response(
         POLICY, 200, HEADERS, _answer(command), mask_upstream=[], mask_record=[], approvals=approvals
     )
     [request] = approvals.requests
+    assert key not in orjson.dumps(request).decode()
+    assert "[GITHUB_TOKEN]" in request["excerpt"] and "kubectl apply" in request["excerpt"]
+    assert request["command_sha256"] == command_digest({"command": command})
+
+
+def _granted(request: events.ApprovalRequested) -> Grants:
+    """The grants after an approver approved ``request`` once (a one-time grant)."""
     now = events.now_micros()
     resolved = events.ApprovalResolved(
         **events.envelope(request["call_id"], request["session_id"], request["identity"], None),
@@ -93,6 +102,50 @@ def test_a_grant_lets_exactly_the_approved_command_through() -> None:
     )
     grants = Grants()
     grants.on_event(topics.APPROVALS_RESOLVED, events.APPROVAL_RESOLVED, resolved)
+    return grants
+
+
+def test_a_grant_never_lets_through_a_command_a_stronger_rule_blocks() -> None:
+    """Approved for the deploy rule, the command also hits a block_tool rule: it is blocked,
+    and the record does not claim a grant let it through."""
+    strict = ResponsePolicy.build(
+        parse_bundle(
+            BUNDLE_SOURCE
+            + """  - id: no-prune
+    tools: ["bash*"]
+    patterns: ['--prune']
+    action: block_tool
+    reason: pruning deletes what the manifest forgot
+"""
+        ),
+        b"k" * 32,
+    )
+    command = "kubectl apply --prune -f deploy.yaml"
+    approvals = _context()
+    guard_response(
+        strict, 200, HEADERS, _answer(command), mask_upstream=[], mask_record=[], approvals=approvals
+    )
+    assert approvals.requests == []  # blocked outright: nothing to approve
+    # Even holding a grant for exactly this command under the deploy rule:
+    held = _context()
+    guard_response(POLICY, 200, HEADERS, _answer(command), mask_upstream=[], mask_record=[], approvals=held)
+    granted = _context(_granted(held.requests[0]))
+    blocked = guard_response(
+        strict, 200, HEADERS, _answer(command), mask_upstream=[], mask_record=[], approvals=granted
+    )
+    assert orjson.loads(blocked.caller_body)["content"][1]["type"] == "text"
+    assert [(b["action"], b["rule_id"]) for b in blocked.blocked] == [("block_tool", "no-prune")]
+    assert granted.granted == []
+
+
+def test_a_grant_lets_exactly_the_approved_command_through() -> None:
+    approvals = _context()
+    command = "kubectl apply -f deploy.yaml"
+    guard_response(
+        POLICY, 200, HEADERS, _answer(command), mask_upstream=[], mask_record=[], approvals=approvals
+    )
+    [request] = approvals.requests
+    grants = _granted(request)
     again = _context(grants)
     passed = guard_response(
         POLICY, 200, HEADERS, _answer(command), mask_upstream=[], mask_record=[], approvals=again

@@ -5,9 +5,11 @@
 Generates conversations of up to four turns (each turn resends the conversation, so sessions are
 found by conversation hash, the way the recorder finds them in production), three events per
 forwarded call (submitted, decided, completed) and two per denied call, and feeds them to
-:meth:`AuditStore.insert_batch` in batches of ``--batch-events`` — the recorder's own insert path
-(call_parts, events with dedup check, call_records with the text indexes and usage views, signed
-checkpoints), minus Kafka. Event generation is timed apart from the inserts.
+:meth:`AuditStore.prepare_batch` / :meth:`AuditStore.write_batch` in batches of ``--batch-events``,
+pipelined like the recorder's consumer (each batch prepared while the previous one is written) —
+the recorder's own insert path (call_parts, events with dedup check, call_records with the text
+indexes and usage views, signed checkpoints), minus Kafka. Event generation is timed apart from
+the inserts and never overlaps them.
 
 The process tunes its garbage collector the way the recorder service does
 (:func:`services.recorder.main.tune_gc`). ``--dir D --reuse`` measures the queries again on a store
@@ -31,6 +33,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,7 +46,7 @@ from services.recorder.config import ClickHouseSettings, RetentionSettings
 from services.recorder.handlers import SourceRecord
 from services.recorder.main import tune_gc
 from services.recorder.search import CallSearch
-from services.recorder.store import AuditStore
+from services.recorder.store import AuditStore, PreparedBatch
 
 PARTITIONS = 6
 RESULTS = Path(__file__).parent / "results"
@@ -64,19 +67,47 @@ def _summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def ingest(store: AuditStore, calls: int, batch_events: int, seed: int) -> dict[str, Any]:
-    """Insert ``calls`` synthetic calls; returns counts, timings and samples to query."""
+def store_pipelined(store: AuditStore, batches: list[list[SourceRecord]]) -> float:
+    """Store ``batches`` the way the recorder's consumer does; returns the seconds it took.
+
+    Each batch is prepared while the previous one is written (one write in flight), and the
+    time runs until the last write is done: nothing else overlaps the measured work.
+    """
+    started = time.perf_counter()
+    with ThreadPoolExecutor(1, thread_name_prefix="writer") as writer:
+        writing: Future[Any] | None = None
+        previous: PreparedBatch | None = None
+        for batch in batches:
+            prepared = store.prepare_batch(batch, after=previous)
+            if writing is not None:
+                writing.result()
+            writing, previous = writer.submit(store.write_batch, prepared), prepared
+        if writing is not None:
+            writing.result()
+    return time.perf_counter() - started
+
+
+def ingest(
+    store: AuditStore, calls: int, batch_events: int, seed: int, chunk_batches: int = 20
+) -> dict[str, Any]:
+    """Insert ``calls`` synthetic calls; returns counts, timings and samples to query.
+
+    Events are generated ``chunk_batches`` batches at a time, then stored with nothing else
+    running (:func:`store_pipelined`), so generating never hides behind a write in flight.
+    """
     start_us = (time.time_ns() // 1000) - 30 * 86_400_000_000
     spacing = max(1, (30 * 86_400_000_000) // max(calls, 1))
     offsets = [0] * PARTITIONS
     pending: list[SourceRecord] = []
+    chunk: list[list[SourceRecord]] = []
     insert_s = gen_s = 0.0
     events = 0
     tokens: list[str] = []
     sessions: list[str] = []
     rng = random.Random(seed + 1)
     gen_started = time.perf_counter()
-    for n, spec in enumerate(conversations(seed, start_us, calls, spacing_us=spacing)):
+    specs = conversations(seed, start_us, calls, spacing_us=spacing)
+    for n, spec in enumerate(specs, start=1):
         partition = n % PARTITIONS
         for record in records(spec, partition, offsets[partition]):
             pending.append(record)
@@ -85,21 +116,18 @@ def ingest(store: AuditStore, calls: int, batch_events: int, seed: int) -> dict[
             tokens.append(str(spec.messages[-1]["content"]).rsplit(" ", 1)[-1])
         if len(spec.messages) == 1 and rng.random() < 0.0005:
             sessions.append(spec.call_id)
-        if len(pending) >= batch_events:
-            gen_s += time.perf_counter() - gen_started
-            started = time.perf_counter()
-            store.insert_batch(pending)
-            insert_s += time.perf_counter() - started
-            events += len(pending)
+        if len(pending) >= batch_events or n == calls:
+            chunk.append(pending)
             pending = []
-            if n and n % 100_000 < (batch_events // 3 + 1):
+        if chunk and (len(chunk) >= chunk_batches or n == calls):
+            gen_s += time.perf_counter() - gen_started
+            insert_s += store_pipelined(store, chunk)
+            before = events
+            events += sum(len(batch) for batch in chunk)
+            chunk = []
+            if events // 300_000 > before // 300_000:
                 print(f"  {n:>9,} calls  {events / insert_s:,.0f} events/s so far", flush=True)
             gen_started = time.perf_counter()
-    if pending:
-        started = time.perf_counter()
-        store.insert_batch(pending)
-        insert_s += time.perf_counter() - started
-        events += len(pending)
     return {
         "calls": calls,
         "events": events,

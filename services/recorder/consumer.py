@@ -4,7 +4,9 @@ The model is Sentry's arroyo/snuba consumers: accumulate messages until ``batch_
 ``batch_max_seconds`` after the first one, insert the batch in one statement per table, and only
 then commit the offsets (DESIGN.md invariant 5: nothing acknowledged is lost). Inserts are
 idempotent on the event id, so the at-least-once redelivery that follows a crash between insert
-and commit never duplicates a record.
+and commit never duplicates a record. Like arroyo's pipelined steps, the next batch is decoded and
+prepared while the previous one is being written; offsets are still committed in order, each
+after its own write.
 
 * A value that is not a skillgate event (``CodecError``), or one the recorder cannot turn into
   rows, goes to the dead-letter topic with the reason; the offset is committed past it, so it
@@ -21,6 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeAlias, TypeVar
 
@@ -32,7 +35,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from services.recorder.config import RecorderSettings
 from services.recorder.handlers import SourceRecord
-from services.recorder.store import AuditStore, InsertStats
+from services.recorder.store import AuditStore, InsertStats, PreparedBatch
 from skillgate import events, topics
 from skillgate.codec import AvroCodec, CodecError, default_codec
 from skillgate.config import KafkaSettings
@@ -84,6 +87,17 @@ STOP_ATTEMPTS = 3
 #: Errors that say the batch's data (not the store) is the problem: the batch is split to find
 #: the offending events instead of being retried forever.
 DATA_ERRORS = (TypeError, ValueError, OverflowError, DataError)
+
+
+@dataclass
+class _Step:
+    """One batch on its way through the pipeline: decoded, prepared, being written."""
+
+    batch: list[Message]
+    records: list[SourceRecord]
+    dead: list[tuple[Message, str]]
+    prepared: PreparedBatch | None = None
+    write: asyncio.Future[InsertStats] | None = None
 
 
 class StopRequested(Exception):
@@ -154,19 +168,35 @@ class RecorderConsumer:
             await self._producer.stop()
 
     async def run(self) -> None:
-        """Batch, insert and commit until :meth:`request_stop`."""
-        while not self._stopping.is_set():
-            batch = await self._collect()
-            if batch:
-                try:
-                    await self._process(batch)
-                except StopRequested:
-                    log.error(
-                        "stopping with an uncommitted batch: the audit store is unavailable; "
-                        "the batch will be consumed again on restart",
-                        extra={"messages": len(batch)},
-                    )
-                    return
+        """Batch, insert and commit until :meth:`request_stop`.
+
+        Pipelined: each batch is decoded and prepared (rows, folds, checkpoints: Python work)
+        while the previous one is written (ClickHouse inserts, which chDB runs without the GIL),
+        so the two use both cores. Only one write is in flight, and a batch's offsets are
+        committed once its write has succeeded, so nothing acknowledged is ever lost.
+        """
+        inflight: _Step | None = None
+        try:
+            while not self._stopping.is_set():
+                batch = await self._collect()
+                if not batch:
+                    if inflight is not None:
+                        await self._finish(inflight)
+                        inflight = None
+                    continue
+                step = await self._prepare(batch, inflight)
+                if inflight is not None:
+                    await self._finish(inflight)
+                self._start_write(step)
+                inflight = step
+            if inflight is not None:
+                await self._finish(inflight)
+        except StopRequested:
+            log.error(
+                "stopping with an uncommitted batch: the audit store is unavailable; "
+                "the batch will be consumed again on restart",
+                extra={"messages": len(inflight.batch) if inflight is not None else 0},
+            )
 
     # -- batching -----------------------------------------------------------------------------
 
@@ -198,17 +228,55 @@ class RecorderConsumer:
             if not batch:
                 return batch  # idle: let run() check for a stop request
 
-    async def _process(self, batch: list[Message]) -> None:
-        """Decode, insert, dead-letter what cannot be stored, then commit."""
-        # Decoding a few thousand values takes milliseconds: done in the worker thread, like
-        # the insert, so the read API sharing this event loop stays responsive.
+    async def _prepare(self, batch: list[Message], inflight: _Step | None) -> _Step:
+        """Decode a batch and prepare its rows on top of the batch being written (if any)."""
+        # Decoding and preparing a few thousand events takes a while: done in a worker thread,
+        # so the read API sharing this event loop stays responsive.
         records, dead = await asyncio.to_thread(self._decode, batch)
         BATCH_SIZE.observe(len(batch))
+        step = _Step(batch, records, dead)
         if records:
-            stats = await self._retrying(partial(self._insert, records))
+            after = inflight.prepared if inflight is not None else None
+            try:
+                step.prepared = await asyncio.to_thread(self._store.prepare_batch, records, after)
+            except Exception as exc:  # the store is down, or the data is refused: see _finish
+                log.warning(
+                    "preparing a batch failed; it will be written one step at a time",
+                    extra={"error": f"{type(exc).__name__}: {exc}"[:500]},
+                )
+        return step
+
+    def _start_write(self, step: _Step) -> None:
+        if step.prepared is not None:
+            step.write = asyncio.ensure_future(asyncio.to_thread(self._write, step.prepared))
+
+    def _write(self, prepared: PreparedBatch) -> InsertStats:
+        started = time.perf_counter()
+        stats = self._store.write_batch(prepared)
+        INSERT_SECONDS.observe(time.perf_counter() - started)
+        return stats
+
+    async def _finish(self, step: _Step) -> None:
+        """Wait for a batch's write (or redo it), dead-letter what cannot be stored, commit."""
+        stats: InsertStats | None = None
+        if step.write is not None:
+            try:
+                stats = await step.write
+            except Exception as exc:  # retried below, with backoff and consumption paused
+                INSERT_FAILURES.inc()
+                log.warning(
+                    "audit store write failed; retrying",
+                    extra={"error": f"{type(exc).__name__}: {exc}"[:500], "attempt": 1},
+                )
+        if stats is None and step.records:
+            # Prepared again from what the store holds now: the failed write may have stored a
+            # part of the batch, and a batch prepared on top of it is stale.
+            stats = await self._retrying(partial(self._insert, step.records))
+        dead = list(step.dead)
+        if stats is not None:
             for record, reason in stats.rejected:
                 dead.append((record.origin, f"recorder could not store the event: {reason}"))
-            self._observe(stats, records)
+            self._observe(stats, step.records)
         for message, reason in dead:
             try:
                 await self._retrying(partial(self._dead_letter, message, reason))
@@ -224,7 +292,7 @@ class RecorderConsumer:
                         "reason": reason[:500],
                     },
                 )
-        await self._commit(batch)
+        await self._commit(step.batch)
 
     def _decode(self, batch: Sequence[Message]) -> tuple[list[SourceRecord], list[tuple[Message, str]]]:
         """Decoded events, and the messages that are not skillgate events (with the reason)."""

@@ -138,13 +138,18 @@ def payload_json(event: Mapping[str, Any]) -> str:
     Dropping every top-level ``bytes`` value (rather than naming the body fields) means a bytes
     field added to a schema later is kept out of the store by default.
     """
-    sizes = {f"{key}_bytes": len(value) for key, value in event.items() if isinstance(value, _BINARY)}
-    if sizes:
-        event = {key: value for key, value in event.items() if not isinstance(value, _BINARY)} | sizes
+    # An exact-type test: this runs for every field of every event, and Avro decodes bytes
+    # fields to plain ``bytes``.
+    binary = [key for key, value in event.items() if value.__class__ in _BINARY]
+    if binary:
+        plain = dict(event)
+        for key in binary:
+            plain[f"{key}_bytes"] = len(plain.pop(key))
+        event = plain
     return orjson.dumps(event, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
-_BINARY = (bytes, bytearray, memoryview)
+_BINARY = frozenset({bytes, bytearray, memoryview})
 
 
 @lru_cache(maxsize=65536)

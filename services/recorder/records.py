@@ -23,8 +23,8 @@ import hashlib
 import re
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -162,13 +162,15 @@ def resolve_sessions(
 (_P_CALL, _P_MONTH, _P_SESSION, _P_IDENT, _P_REQUEST, _P_SUBMITTED, _P_FIRST, _P_LAST, _P_DECIDED,
  _P_STATE, _P_TERMINAL, _P_APPROVAL, _P_DECISIONS, _P_TYPES, _P_FPS, _P_BLOCKED, _P_MASK,
  _P_TTFT) = range(18)  # fmt: skip
-_ID_SUBJECT, _ID_ISSUER, _ID_USERNAME, _ID_EMAIL, _ID_GROUPS, _ID_CLIENT = range(1, 7)
-_RQ_MODEL, _RQ_MODE, _RQ_STREAM, _RQ_PATH = 1, 2, 3, 5
-_DC_AT, _DC_DECISION, _DC_REASON, _DC_RULES, _DC_TAGS, _DC_BUNDLE = range(6)
-_DC_ERROR_TYPE, _DC_BODY = 8, 9
+_ID_SUBJECT, _ID_ISSUER, _ID_USERNAME, _ID_EMAIL, _ID_GROUPS, _ID_CLIENT, _ID_TOKEN = range(1, 8)
+(_RQ_MODEL, _RQ_MODE, _RQ_STREAM, _RQ_METHOD, _RQ_PATH, _RQ_UPSTREAM, _RQ_CLIENT_IP,
+ _RQ_USER_AGENT) = range(1, 9)  # fmt: skip
+_DC_AT, _DC_DECISION, _DC_REASON, _DC_RULES, _DC_TAGS, _DC_BUNDLE, _DC_UPSTREAM = range(7)
+_DC_ERROR_TYPE, _DC_BODY, _DC_FAIL_OPEN = 8, 9, 10
 _ST_RANK, _ST_AT, _ST_NAME, _ST_STATUS = 0, 2, 3, 4
-_TM_BODY, _TM_ERROR_TYPE, _TM_ERROR_MESSAGE = 4, 5, 6
-_TM_IN, _TM_OUT, _TM_LATENCY, _TM_STOP, _TM_MODEL = 10, 11, 12, 14, 15
+(_TM_UPSTREAM, _TM_BODY, _TM_ERROR_TYPE, _TM_ERROR_MESSAGE, _TM_STAGE, _TM_ATTEMPTS,
+ _TM_ATTEMPTS_DETAIL, _TM_IN, _TM_OUT, _TM_LATENCY, _TM_REQUEST_ID, _TM_STOP,
+ _TM_MODEL) = range(3, 16)  # fmt: skip
 #: Where a call_parts tuple keeps its DateTime64 values (converted when read back from the store).
 _TIME_FIELDS = {_P_DECIDED: (_DC_AT,), _P_STATE: (_ST_AT,), _P_TERMINAL: (1,), _P_MASK: (0,)}
 
@@ -185,6 +187,13 @@ def _greater(a: Sequence[Any], b: Sequence[Any]) -> bool:
     if a == b:
         return False
     return _tuple_key(a) > _tuple_key(b)
+
+
+#: The tuple columns a fold keeps the greatest of: (attribute, index in a call_parts row).
+_FOLDED_TUPLES = (
+    ("ident", _P_IDENT), ("request", _P_REQUEST), ("decided", _P_DECIDED), ("state", _P_STATE),
+    ("terminal", _P_TERMINAL), ("response_mask", _P_MASK),
+)  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -221,39 +230,56 @@ class CallFold:
     _hashes: tuple[str, Hashes] | None = None
 
     def add(self, part: Sequence[Any]) -> bool:
-        """Fold one ``call_parts`` row in; True when the fold changed."""
-        before = self.signature()
+        """Fold one ``call_parts`` row in; True when anything :func:`record_row` reads changed
+        (the event times alone do not count: a redelivered event must not add a version)."""
+        changed = False
         if part[_P_SESSION] > self.session_id:
             self.session_id = part[_P_SESSION]
-        for attr, index in (("ident", _P_IDENT), ("request", _P_REQUEST), ("decided", _P_DECIDED),
-                            ("state", _P_STATE), ("terminal", _P_TERMINAL), ("response_mask", _P_MASK)):  # fmt: skip
+            changed = True
+        for attr, index in _FOLDED_TUPLES:
             if _greater(part[index], getattr(self, attr)):
                 setattr(self, attr, tuple(part[index]))
+                changed = True
         submitted = part[_P_SUBMITTED]
         if submitted is not None and (self.submitted_at is None or submitted < self.submitted_at):
             self.submitted_at = submitted
+            changed = True
         if self.first_event_at is None or part[_P_FIRST] < self.first_event_at:
             self.first_event_at = part[_P_FIRST]
         self.last_event_at = max(self.last_event_at, part[_P_LAST])
         approval = part[_P_APPROVAL]
         if approval is not None and (self.approval_id is None or approval > self.approval_id):
             self.approval_id = approval
-        self.approval_decisions.update(part[_P_DECISIONS])
-        self.masked_types.update(part[_P_TYPES])
-        self.masked_fingerprints.update(part[_P_FPS])
-        self.blocked_tools.update(tuple(b) for b in part[_P_BLOCKED])
+            changed = True
+        for values, new in (
+            (self.approval_decisions, part[_P_DECISIONS]),
+            (self.masked_types, part[_P_TYPES]),
+            (self.masked_fingerprints, part[_P_FPS]),
+        ):
+            if new:
+                size = len(values)
+                values.update(new)
+                changed = changed or len(values) != size
+        if part[_P_BLOCKED]:
+            size = len(self.blocked_tools)
+            self.blocked_tools.update(tuple(b) for b in part[_P_BLOCKED])
+            changed = changed or len(self.blocked_tools) != size
         ttft = part[_P_TTFT] if len(part) > _P_TTFT else None
         if ttft is not None and (self.first_token_ms is None or ttft > self.first_token_ms):
             self.first_token_ms = ttft
-        return self.signature() != before
+            changed = True
+        return changed
 
-    def signature(self) -> tuple[Any, ...]:
-        """What :func:`record_row` reads of the fold, to tell whether an event changed it."""
-        return (
-            self.session_id, self.ident, self.request, self.submitted_at, self.decided, self.state,
-            self.terminal, self.approval_id, len(self.approval_decisions), len(self.masked_types),
-            len(self.masked_fingerprints), len(self.blocked_tools), self.first_token_ms,
-        )  # fmt: skip
+    def copy(self) -> CallFold:
+        """An independent copy: a batch being prepared never changes the fold another batch
+        (not yet written) or the cache holds."""
+        other = replace(self)
+        other.approval_decisions = set(self.approval_decisions)
+        other.masked_types = set(self.masked_types)
+        other.masked_fingerprints = set(self.masked_fingerprints)
+        other.blocked_tools = set(self.blocked_tools)
+        other.event_ids = set(self.event_ids)
+        return other
 
     @property
     def terminal_state(self) -> bool:
@@ -306,8 +332,8 @@ FOLD_SELECT = (
 )
 
 
-def fold_from_store(row: Sequence[Any]) -> CallFold:
-    """A :class:`CallFold` from a row of ``SELECT {FOLD_SELECT} ... GROUP BY call_id``."""
+def _part_from_store(row: Sequence[Any]) -> list[Any]:
+    """A call_parts row as ClickHouse returns it, in the shape :meth:`CallFold.add` takes."""
     part = [_plain(v) for v in row]
     for index in (_P_SUBMITTED, _P_FIRST, _P_LAST):
         part[index] = _micros(part[index])
@@ -317,9 +343,119 @@ def fold_from_store(row: Sequence[Any]) -> CallFold:
             values[pos] = _micros(values[pos])
         part[index] = tuple(values)
     part[_P_BLOCKED] = [_plain(b) for b in part[_P_BLOCKED]]
+    return part
+
+
+def fold_from_store(row: Sequence[Any]) -> CallFold:
+    """A :class:`CallFold` from a row of ``SELECT {FOLD_SELECT} ... GROUP BY call_id``."""
+    part = _part_from_store(row)
     fold = CallFold(str(part[_P_CALL]))
     fold.add(part)
     return fold
+
+
+def fold_parts(call_id: str, rows: Sequence[Sequence[Any]]) -> CallFold:
+    """A :class:`CallFold` from a call's raw call_parts rows (``SELECT`` of CALL_PART_COLUMNS)."""
+    fold = CallFold(call_id)
+    for row in rows:
+        fold.add(_part_from_store(row))
+    return fold
+
+
+def _outcome(fold: CallFold) -> tuple[bool, bool, float | None, Any, Any]:
+    """What the ``calls`` view derives from several tuples: whether the decision is known and
+    the call ended, its total time, and its error type and message (a refusal's come from the
+    decision)."""
+    decided, state, terminal = fold.decided, fold.state, fold.terminal
+    ended = fold.terminal_state
+    refused = state[_ST_NAME] in ("denied", "rate_limited")
+    total_ms = None
+    if ended and fold.submitted_at is not None:
+        total_ms = (int(state[_ST_AT]) - fold.submitted_at) / 1000.0
+    return (
+        int(decided[_DC_AT]) > 0,
+        ended,
+        total_ms,
+        _coalesce(terminal[_TM_ERROR_TYPE], decided[_DC_ERROR_TYPE] if refused else None),
+        _coalesce(terminal[_TM_ERROR_MESSAGE], decided[_DC_REASON] if refused else None),
+    )
+
+
+def _utc(micros: int | None) -> datetime | None:
+    if micros is None:
+        return None
+    return _EPOCH + timedelta(microseconds=int(micros))
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def calls_row(fold: CallFold) -> dict[str, Any]:
+    """The ``calls`` view's row of a call (migration 0002), computed from its fold.
+
+    The view's own query spends most of its time being planned (~25 ms for one call on chDB);
+    async callers poll the state of their calls, so the lookup reads the call's few call_parts
+    rows through the primary key and applies the view's expressions here.
+    ``tests/unit/test_recorder_rows.py`` holds the two equal, column for column.
+    """
+    decided_known, ended, total_ms, error_type, error_message = _outcome(fold)
+    ident, request, decided = fold.ident, fold.request, fold.decided
+    state, terminal = fold.state, fold.terminal
+    return {
+        "call_id": fold.call_id,
+        "session_id": fold.session_id,
+        "subject": ident[_ID_SUBJECT],
+        "issuer": ident[_ID_ISSUER],
+        "username": ident[_ID_USERNAME],
+        "email": ident[_ID_EMAIL],
+        "groups": list(ident[_ID_GROUPS] or []),
+        "client_id": ident[_ID_CLIENT],
+        "token_id": ident[_ID_TOKEN],
+        "model": _coalesce(request[_RQ_MODEL], terminal[_TM_MODEL]),
+        "mode": request[_RQ_MODE],
+        "stream": request[_RQ_STREAM],
+        "method": request[_RQ_METHOD],
+        "path": request[_RQ_PATH],
+        "client_ip": request[_RQ_CLIENT_IP],
+        "user_agent": request[_RQ_USER_AGENT],
+        "submitted_at": _utc(fold.submitted_at),
+        "decided_at": _utc(decided[_DC_AT]) if decided_known else None,
+        "completed_at": _utc(state[_ST_AT]) if ended else None,
+        "decision": decided[_DC_DECISION] if decided_known else None,
+        "reason": decided[_DC_REASON] if decided_known else None,
+        "rule_ids": list(decided[_DC_RULES] or []),
+        "tags": list(decided[_DC_TAGS] or []),
+        "bundle_version": decided[_DC_BUNDLE],
+        "fail_open": bool(decided[_DC_FAIL_OPEN]) if decided_known else None,
+        "upstream": _coalesce(terminal[_TM_UPSTREAM], decided[_DC_UPSTREAM] or None, request[_RQ_UPSTREAM]),
+        "state": "unknown" if int(state[_ST_RANK]) == 0 else state[_ST_NAME],
+        "status": state[_ST_STATUS] if ended else None,
+        "request_body": decided[_DC_BODY],
+        "response_body": terminal[_TM_BODY],
+        "error_type": error_type,
+        "error_message": error_message,
+        "error_stage": terminal[_TM_STAGE],
+        "attempts": terminal[_TM_ATTEMPTS],
+        "attempts_detail": terminal[_TM_ATTEMPTS_DETAIL],
+        "input_tokens": terminal[_TM_IN],
+        "output_tokens": terminal[_TM_OUT],
+        "latency_ms": terminal[_TM_LATENCY],
+        "total_ms": total_ms,
+        "upstream_request_id": terminal[_TM_REQUEST_ID],
+        "stop_reason": terminal[_TM_STOP],
+        "response_model": terminal[_TM_MODEL],
+        "approval_id": fold.approval_id,
+        "approval_decisions": sorted(fold.approval_decisions),
+        "masked_types": sorted(fold.masked_types),
+        "masked_fingerprints": sorted(fold.masked_fingerprints),
+        "first_event_at": _utc(fold.first_event_at),
+        "last_event_at": _utc(fold.last_event_at),
+        "blocked_tools": [
+            dict(zip(handlers.BLOCKED_TOOL_FIELDS, b, strict=True)) for b in sorted(fold.blocked_tools)
+        ],
+        "response_mask_upstream": list(fold.response_mask[1]),
+        "response_mask_record": list(fold.response_mask[2]),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,18 +546,11 @@ def record_row(fold: CallFold, session: tuple[str, str], counted: bool, version:
         fold.state,
         fold.terminal,
     )
-    decided_known = int(decided[_DC_AT]) > 0
-    ended = fold.terminal_state
-    refused = state[_ST_NAME] in ("denied", "rate_limited")
+    decided_known, ended, total_ms, error_type, error_message = _outcome(fold)
     hashes = fold.hashes()
     request_body = fold.request_body
     response_body = str(terminal[_TM_BODY] or "")
     skills, tools = skills_and_tools(request_body, response_body)
-    total_ms = None
-    if ended and fold.submitted_at is not None:
-        total_ms = (int(state[_ST_AT]) - fold.submitted_at) / 1000.0
-    error_type = _coalesce(terminal[_TM_ERROR_TYPE], decided[_DC_ERROR_TYPE] if refused else None)
-    error_message = _coalesce(terminal[_TM_ERROR_MESSAGE], decided[_DC_REASON] if refused else None)
     return [
         fold.call_id,
         fold.time_ms(),

@@ -13,7 +13,7 @@ import io
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,7 +32,7 @@ from services.recorder.cli import sql_command
 from services.recorder.config import ClickHouseSettings, RecorderSettings
 from services.recorder.consumer import RecorderConsumer
 from services.recorder.handlers import SourceRecord
-from services.recorder.store import AuditStore, InsertStats
+from services.recorder.store import AuditStore, InsertStats, PreparedBatch
 from skillgate import events as ev
 from skillgate import topics
 from skillgate.codec import default_codec
@@ -273,18 +273,18 @@ async def test_store_outage_pauses_consumption_and_commits_nothing(
     producer: AIOKafkaProducer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real_insert = store.insert_batch
+    real_write = store.write_batch
     healthy = threading.Event()
     attempts = 0
 
-    def flaky_insert(records: Sequence[SourceRecord]) -> InsertStats:
+    def flaky_write(prepared: PreparedBatch) -> InsertStats:
         nonlocal attempts
         attempts += 1
         if not healthy.is_set():
             raise OperationalError("ClickHouse is unreachable (test)")
-        return real_insert(records)
+        return real_write(prepared)
 
-    monkeypatch.setattr(store, "insert_batch", flaky_insert)
+    monkeypatch.setattr(store, "write_batch", flaky_write)
     call_id = ev.new_call_id()
     await produce_call(producer, kafka_settings, call_id)
     async with running(store, kafka_settings, f"outage-{uuid.uuid4().hex[:8]}") as consumer:

@@ -7,7 +7,9 @@ Row building is tested as pure functions; the store tests run a real embedded ch
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from services.recorder.store import (
     Migration,
     MigrationError,
     SQLRejected,
+    StalePrepared,
     StoreError,
     check_readonly_sql,
     load_migrations,
@@ -675,8 +678,8 @@ def test_migration_0002_keeps_every_calls_column_and_reruns_cleanly(tmp_path: Pa
             for statement in second.statements(store.database):
                 client.command(statement)
         assert _view_columns(store) == after
-        old = store.call_state(old_call)
-        assert old is not None and old["state"] == "completed" and old["blocked_tools"] == []
+        old = store.query(f"SELECT state, blocked_tools FROM calls WHERE call_id = '{old_call}'")  # noqa: S608
+        assert old.rows == [["completed", []]]
     finally:
         store.close()
 
@@ -752,6 +755,18 @@ def _oracle_and_record(store: AuditStore, call_id: str) -> tuple[dict[str, Any],
     )
 
 
+def _assert_call_state_is_the_view(store: AuditStore, call_id: str) -> None:
+    """``call_state`` (call_parts folded in Python) returns what ``SELECT * FROM calls`` does."""
+    with store._use(store._lookup) as client:
+        result = client.query("SELECT * FROM calls WHERE call_id = {id:String}", parameters={"id": call_id})
+    [row] = result.result_rows
+    view = {
+        name: value.replace(tzinfo=UTC) if isinstance(value, datetime) else value
+        for name, value in zip(result.column_names, row, strict=True)
+    }
+    assert store.call_state(call_id) == view, call_id
+
+
 def _approval_flow(call_id: str) -> list[SourceRecord]:
     return [
         record(ev.CALL_SUBMITTED, submitted(call_id), 1),
@@ -762,10 +777,35 @@ def _approval_flow(call_id: str) -> list[SourceRecord]:
     ]
 
 
+def _flows(call_ids: list[str]) -> list[list[SourceRecord]]:
+    """call_flow of each call, at offsets of its own (as Kafka would number them)."""
+    return [
+        [dataclasses.replace(r, offset=n * 10 + r.offset) for r in call_flow(call_id)]
+        for n, call_id in enumerate(call_ids)
+    ]
+
+
+def _write_pipelined(store: AuditStore, batches: list[list[SourceRecord]]) -> None:
+    """Insert ``batches`` the way the recorder does at full speed, each prepared before the
+    previous one is written (here always before: the worst case for what the store can see)."""
+    previous = None
+    for batch in batches:
+        prepared = store.prepare_batch(batch, after=previous)
+        if previous is not None:
+            store.write_batch(previous)
+        previous = prepared
+    if previous is not None:
+        store.write_batch(previous)
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["one-by-one", "pipelined"])
 @pytest.mark.parametrize("cache_bytes", [64 * 1024 * 1024, 1], ids=["folds-kept", "folds-evicted"])
-def test_call_records_folded_in_python_match_the_calls_view(tmp_path: Path, cache_bytes: int) -> None:
+def test_call_records_folded_in_python_match_the_calls_view(
+    tmp_path: Path, cache_bytes: int, pipelined: bool
+) -> None:
     """Whatever the batching, order, redelivery, restart or eviction, call_records says what
-    calls says (with a 1-byte cache every fold is evicted at once and read back each batch)."""
+    calls says (with a 1-byte cache every fold is evicted at once and read back each batch).
+    Pipelined, each batch is prepared before the previous one is stored."""
     ids = [ev.new_call_id() for _ in range(8)]
     flow = {i: call_flow(i) for i in ids}
     s, d, c, r = flow[ids[1]]
@@ -784,8 +824,11 @@ def test_call_records_folded_in_python_match_the_calls_view(tmp_path: Path, cach
     store = AuditStore(settings, tmp_path, fold_cache_bytes=cache_bytes)
     try:
         store.migrate()
-        for batch in batches:
-            store.insert_batch(batch)
+        if pipelined:
+            _write_pipelined(store, batches)
+        else:
+            for batch in batches:
+                store.insert_batch(batch)
     finally:
         store.close()
     # A restart forgets the folds: the rest of the call is folded from what call_parts holds.
@@ -796,9 +839,77 @@ def test_call_records_folded_in_python_match_the_calls_view(tmp_path: Path, cach
         for call_id in ids:
             oracle, built = _oracle_and_record(store, call_id)
             assert built == oracle, call_id
+            _assert_call_state_is_the_view(store, call_id)
         assert _oracle_and_record(store, ids[4])[1]["approval_decisions"] == ["approve:approver-9"]
         # Every call ended: the usage view (fed at insert time) counted each exactly once.
         assert store.query("SELECT sum(calls) FROM usage_daily").rows[0][0] == len(ids)
+    finally:
+        store.close()
+
+
+def test_a_failed_write_makes_the_batch_prepared_on_it_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that fails halfway (parts and events stored, call_records not) leaves nothing
+    wrong behind: the batch prepared on top of it is refused as stale, and storing both again
+    gives the rows the calls view gives, with the events stored once and the chain intact."""
+    ids = [ev.new_call_id() for _ in range(2)]
+    flows = _flows(ids)
+    first = flows[0][:2] + flows[1][:1]
+    second = flows[0][2:] + flows[1][1:]
+    key = b"k" * 32
+    store = AuditStore(ClickHouseSettings(url=f"chdb://{tmp_path / 'audit.chdb'}"), tmp_path, key)
+    try:
+        store.migrate()
+        real = store._writer.insert_rows
+
+        def failing(table: str, rows: Any, columns: Any) -> None:
+            if table.endswith(".call_records"):
+                raise ConnectionError("the store went away")
+            real(table, rows, columns)
+
+        prepared_first = store.prepare_batch(first)
+        prepared_second = store.prepare_batch(second, after=prepared_first)
+        monkeypatch.setattr(store._writer, "insert_rows", failing)
+        with pytest.raises(ConnectionError):
+            store.write_batch(prepared_first)
+        monkeypatch.setattr(store._writer, "insert_rows", real)
+        with pytest.raises(StalePrepared):
+            store.write_batch(prepared_second)
+        # What the recorder then does: both batches again, one by one.
+        again = store.insert_batch(first)
+        assert again.duplicates == len(first)  # the failed write had stored the events
+        store.insert_batch(second)
+        for call_id in ids:
+            oracle, built = _oracle_and_record(store, call_id)
+            assert built == oracle, call_id
+        assert store.query("SELECT count() FROM events").rows[0][0] == len(first) + len(second)
+        report = store.verify_chain(key, 400, grace_seconds=0)
+        assert report.ok, report.document()
+        assert report.rows_sealed == len(first) + len(second)
+    finally:
+        store.close()
+
+
+def test_pipelined_batches_chain_and_deduplicate_like_sequential_ones(tmp_path: Path) -> None:
+    """Prepared while the previous batch is not stored yet, a batch still continues each
+    partition's chain from that batch's checkpoint and skips the events it redelivers."""
+    key = b"k" * 32
+    ids = [ev.new_call_id() for _ in range(3)]
+    flows = _flows(ids)
+    batches = [flows[0], flows[1], flows[1][1:] + flows[2], flows[2]]
+    store = AuditStore(ClickHouseSettings(url=f"chdb://{tmp_path / 'audit.chdb'}"), tmp_path, key)
+    try:
+        store.migrate()
+        _write_pipelined(store, batches)
+        expected = sum(len(flow) for flow in flows)
+        assert store.query("SELECT count() FROM events").rows[0][0] == expected
+        report = store.verify_chain(key, 400, grace_seconds=0)
+        assert report.ok, report.document()
+        assert report.rows_sealed == expected
+        for call_id in ids:
+            oracle, built = _oracle_and_record(store, call_id)
+            assert built == oracle, call_id
     finally:
         store.close()
 

@@ -328,7 +328,7 @@ class PolicyService:
         # One actor: decisions on an approval are judged strictly one after another.
         self.app.agent(approval_channel, name="approvals", concurrency=1)(self._agent(self.handle_approval))
         self.app.timer(policy.expiry_check_seconds)(self._expire_due)
-        self._expiry_sent: dict[str, int] = {}  # approval id → when its expiry was asked for
+        self._expiries = approvals.ExpiryIndex()
         self.admin_groups = RoleSettings().admin_groups
         self.grants = Grants()
         self.app.task(self._follow_grants)
@@ -624,7 +624,7 @@ class PolicyService:
                 if notice is not None and release["reply_to"] is not None:
                     await self._send_reply(release["reply_to"], release["session_id"].encode(), notice)
         if raw is None:
-            self.pending[approval_id.encode()] = state.dumps()
+            self._keep(approval_id.encode(), state)
 
     async def _on_decision(self, decided: ApprovalDecided) -> None:
         approval_id = decided["approval_id"]
@@ -664,7 +664,7 @@ class PolicyService:
         if judgement.counted or state.outcome != before:
             if state.outcome is not None:
                 state.release = ""  # the held body is not needed any more: keep the table small
-            self.pending[approval_id.encode()] = state.dumps()
+            self._keep(approval_id.encode(), state)
 
     async def _end_held_call(self, state: approvals.ApprovalState, now: int) -> None:
         """Release (approved), deny or expire the held call, and answer a caller still waiting."""
@@ -686,19 +686,22 @@ class PolicyService:
     async def _expire_due(self) -> None:
         """Ask for the expiry of pending approvals past their deadline (as a decision event, so
         the expiry is judged in order with people's decisions by the approvals agent)."""
+        if self._expiries.needs_rebuild(time.monotonic()):
+            self._expiries.rebuild(list(self.pending.items()), time.monotonic())
         now = events.now_micros()
-        for key, raw in list(self.pending.items()):
+        for key in self._expiries.due(now):
+            raw = self.pending.get(key)
+            if raw is None:  # the partition moved to another worker
+                self._expiries.forget(key)
+                continue
             try:
                 state = approvals.ApprovalState.loads(raw)
             except Exception:  # never let one bad entry stop expiring the others
                 log.exception("unreadable pending approval skipped", extra={"key": repr(key)[:80]})
+                self._expiries.forget(key)
                 continue
-            approval_id = state.requested["approval_id"]
-            if state.outcome is not None or now < state.requested["expires_at"]:
-                continue
-            # Asked already: ask again only if it is still pending a while later (the agent that
-            # judged it may have seen a slightly different clock).
-            if now - self._expiry_sent.get(approval_id, 0) < 30_000_000:
+            if state.outcome is not None:
+                self._expiries.forget(key)
                 continue
             expire = approvals.expire_decision(state, now)
             await self._confirm(
@@ -706,7 +709,12 @@ class PolicyService:
                     key=key, value=self.codec.encode(APPROVAL_DECIDED, expire)
                 )
             )
-            self._expiry_sent[approval_id] = now
+            self._expiries.asked(key, now)
+
+    def _keep(self, key: bytes, state: approvals.ApprovalState) -> None:
+        """Write an approval's state to the table (and the expiry index)."""
+        self.pending[key] = state.dumps()
+        self._expiries.track(key, state)
 
     async def _notify_agent(self, stream: faust.StreamT[bytes]) -> None:
         secret = self.settings.webhook_secret

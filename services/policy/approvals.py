@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -162,6 +164,80 @@ class ApprovalState:
     def held(cls, request: ApprovalRequested, release: bytes) -> ApprovalState:
         """A new pending approval."""
         return cls(request=dict(request), release=base64.b64encode(release).decode())
+
+
+log = logging.getLogger(__name__)
+
+#: An expiry asked for is asked again only if the approval is still pending this much later.
+EXPIRY_RETRY_MICROS = 30_000_000
+
+
+class ExpiryIndex:
+    """Deadlines of the pending approvals a worker holds, for its expiry timer.
+
+    The approvals table keeps ended approvals too (a late decision gets "already decided"), so
+    walking and decoding the whole table on every tick grows with every approval ever made.
+    The index is updated with each state the worker writes and rebuilt from the table from time
+    to time (:meth:`rebuild`), which also picks up the entries a restart or a rebalance brought
+    (at the first tick after a start, then every ``rescan_seconds``).
+    """
+
+    def __init__(self, rescan_seconds: float = 60.0) -> None:
+        self.rescan_seconds = rescan_seconds
+        self._deadlines: dict[bytes, tuple[str, int]] = {}  # key -> (approval id, expires at)
+        self._asked: dict[str, int] = {}  # approval id -> when its expiry was last asked for
+        self._built_at: float | None = None
+
+    def __len__(self) -> int:
+        return len(self._deadlines)
+
+    def needs_rebuild(self, monotonic_now: float) -> bool:
+        """True at the first tick and every ``rescan_seconds`` after."""
+        return self._built_at is None or monotonic_now - self._built_at >= self.rescan_seconds
+
+    def rebuild(self, items: Iterable[tuple[bytes, bytes]], monotonic_now: float) -> None:
+        """Index every pending approval of ``items`` (the table's key/value pairs)."""
+        deadlines: dict[bytes, tuple[str, int]] = {}
+        for key, raw in items:
+            try:
+                state = ApprovalState.loads(raw)
+            except Exception:  # never let one bad entry stop expiring the others
+                log.exception("unreadable pending approval skipped", extra={"key": repr(key)[:80]})
+                continue
+            if state.outcome is None:
+                deadlines[key] = (state.requested["approval_id"], int(state.requested["expires_at"]))
+        self._deadlines = deadlines
+        ids = {approval_id for approval_id, _ in deadlines.values()}
+        self._asked = {a: t for a, t in self._asked.items() if a in ids}
+        self._built_at = monotonic_now
+
+    def track(self, key: bytes, state: ApprovalState) -> None:
+        """Follow a state the worker just wrote: indexed while pending, dropped once ended."""
+        approval_id = state.requested["approval_id"]
+        if state.outcome is None:
+            self._deadlines[key] = (approval_id, int(state.requested["expires_at"]))
+        else:
+            self.forget(key)
+
+    def forget(self, key: bytes) -> None:
+        """Stop following ``key`` (ended, or no longer held by this worker)."""
+        entry = self._deadlines.pop(key, None)
+        if entry is not None:
+            self._asked.pop(entry[0], None)
+
+    def due(self, now: int) -> list[bytes]:
+        """Keys past their deadline whose expiry was not asked for in the last 30 s."""
+        return [
+            key
+            for key, (approval_id, expires_at) in self._deadlines.items()
+            if now >= expires_at and now - self._asked.get(approval_id, 0) >= EXPIRY_RETRY_MICROS
+        ]
+
+    def asked(self, key: bytes, now: int) -> None:
+        """Note that the expiry of ``key`` was asked for at ``now``."""
+        entry = self._deadlines.get(key)
+        if entry is not None:
+            self._asked[entry[0]] = now
 
 
 @dataclass(frozen=True)

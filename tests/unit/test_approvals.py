@@ -216,3 +216,28 @@ def test_the_notified_event_names_only_the_webhook_host() -> None:
         == "hooks.example.com:8443"
     )
     assert _host("https://hooks.slack.com/services/T0/B0/XyZ") == "hooks.slack.com"
+
+
+def test_expiry_index_follows_pending_approvals_without_rereading_the_table() -> None:
+    """The expiry timer's index: due once past the deadline, asked again only 30 s later,
+    dropped when the approval ends; a rebuild from the table keeps only pending approvals."""
+    index = approvals.ExpiryIndex(rescan_seconds=60)
+    assert index.needs_rebuild(0.0)
+    pending = _state(ApprovalSpec(timeout_seconds=60))
+    ended = _state(ApprovalSpec(timeout_seconds=60))
+    ended.outcome = "approved"
+    index.rebuild([(b"p", pending.dumps()), (b"e", ended.dumps()), (b"bad", b"{not json")], 10.0)
+    assert len(index) == 1 and not index.needs_rebuild(69.9) and index.needs_rebuild(70.0)
+    deadline = pending.requested["expires_at"]
+    assert index.due(deadline - 1) == [] and index.due(deadline) == [b"p"]
+    index.asked(b"p", deadline)
+    assert index.due(deadline + approvals.EXPIRY_RETRY_MICROS - 1) == []
+    assert index.due(deadline + approvals.EXPIRY_RETRY_MICROS) == [b"p"]
+    pending.outcome = "expired"
+    index.track(b"p", pending)
+    assert len(index) == 0 and index.due(deadline + 10**9) == []
+    held = _state(ApprovalSpec(timeout_seconds=5))
+    index.track(b"h", held)
+    assert index.due(held.requested["expires_at"]) == [b"h"]
+    index.forget(b"h")
+    assert len(index) == 0

@@ -179,10 +179,12 @@ class ExpiryIndex:
     walking and decoding the whole table on every tick grows with every approval ever made.
     The index is updated with each state the worker writes and rebuilt from the table from time
     to time (:meth:`rebuild`), which also picks up the entries a restart or a rebalance brought
-    (at the first tick after a start, then every ``rescan_seconds``).
+    (at the first tick after a start, then every ``rescan_seconds``: the table may still be
+    recovering at the first tick, so an approval that expired while the worker was down expires
+    at most that much late).
     """
 
-    def __init__(self, rescan_seconds: float = 60.0) -> None:
+    def __init__(self, rescan_seconds: float = 10.0) -> None:
         self.rescan_seconds = rescan_seconds
         self._deadlines: dict[bytes, tuple[str, int]] = {}  # key -> (approval id, expires at)
         self._asked: dict[str, int] = {}  # approval id -> when its expiry was last asked for

@@ -20,6 +20,7 @@ after its own write.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -179,10 +180,10 @@ class RecorderConsumer:
         try:
             while not self._stopping.is_set():
                 batch = await self._collect()
+                if inflight is not None and (not batch or not self._can_prepare_on(inflight)):
+                    await self._finish(inflight)
+                    inflight = None
                 if not batch:
-                    if inflight is not None:
-                        await self._finish(inflight)
-                        inflight = None
                     continue
                 step = await self._prepare(batch, inflight)
                 if inflight is not None:
@@ -197,6 +198,21 @@ class RecorderConsumer:
                 "the batch will be consumed again on restart",
                 extra={"messages": len(inflight.batch) if inflight is not None else 0},
             )
+        finally:
+            if inflight is not None and inflight.write is not None and not inflight.write.done():
+                # Leaving on an error: let the write in its thread end before the store closes.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(inflight.write)
+
+    def _can_prepare_on(self, inflight: _Step) -> bool:
+        """Whether the next batch may be prepared while ``inflight`` is written.
+
+        Not when ``inflight`` is not being written (its preparation failed, or it holds no
+        events) or its write failed (or will be refused as stale): it is then stored again on
+        its own first, and a batch prepared before that would not see it.
+        """
+        prepared = inflight.prepared
+        return prepared is not None and prepared.generation == self._store.generation
 
     # -- batching -----------------------------------------------------------------------------
 

@@ -407,6 +407,11 @@ class AuditStore:
         self._other_dbs_at = 0.0
 
     @property
+    def generation(self) -> int:
+        """How many writes have failed: a batch prepared at another generation is stale."""
+        return self._generation
+
+    @property
     def _on_cluster(self) -> str:
         """`` ON CLUSTER '<name>'`` when the store is a cluster, else ''."""
         return f" ON CLUSTER '{self.settings.cluster}'" if self.settings.cluster else ""
@@ -722,21 +727,32 @@ class AuditStore:
             known = after.folds.get(call_id) if after is not None else None
             if known is None and stored:
                 known = self._folds.get(call_id)
-                if known is None or not stored <= known.event_ids:
-                    cold.append(call_id)
-                    continue
+            if stored and (known is None or not stored <= known.event_ids):
+                cold.append(call_id)
+                continue
             fold = known.copy() if known is not None else records.CallFold(call_id)
             fold.event_ids |= seen.get(call_id, set())
             if any([fold.add(p) for p in call_parts]):
                 changed.append(fold)
+            # Kept even when unchanged: the event ids it saw spare the next batch a read.
+            prepared.folds[call_id] = fold
         if cold:
             read = {fold.call_id: fold for fold in self._read_folds(client, cold)}
+            in_flight: dict[str, list[Sequence[Any]]] = {}
+            if after is not None and any(call_id in after.folds for call_id in cold):
+                for part in after.call_parts:
+                    in_flight.setdefault(str(part[0]), []).append(part)
             for call_id in cold:
                 fold = read.get(call_id) or records.CallFold(call_id)
+                fold.event_ids = stored_by_call.get(call_id, set()) | seen.get(call_id, set())
+                if after is not None and call_id in after.folds:
+                    # The batch being written may not be visible yet: fold its parts in too.
+                    fold.event_ids |= after.folds[call_id].event_ids
+                    parts[call_id] = in_flight.get(call_id, []) + parts[call_id]
                 for cold_part in parts[call_id]:
                     fold.add(cold_part)
-                fold.event_ids = stored_by_call.get(call_id, set()) | seen.get(call_id, set())
                 changed.append(fold)
+                prepared.folds[call_id] = fold
         prepared.call_records = self._record_rows(client, changed, after, prepared)
 
     def _record_rows(
@@ -748,8 +764,9 @@ class AuditStore:
     ) -> list[list[Any]]:
         """The ``call_records`` rows of ``changed`` (sessions resolved, ``counted`` set).
 
-        The folds and the conversations they start are kept in ``prepared``, for the caches
-        once the rows are written and for the batch prepared next.
+        The conversations they start are kept in ``prepared`` (like the folds, see
+        :meth:`_fold_calls`), for the caches once the rows are written and for the batch
+        prepared next.
         """
         if not changed:
             return []
@@ -772,7 +789,6 @@ class AuditStore:
             fold.recorded_terminal = fold.recorded_terminal or fold.terminal_state
             if fact.conversation_hash:
                 prepared.conversations[fact.conversation_hash] = session[0]
-            prepared.folds[fold.call_id] = fold
         return out
 
     def _read_folds(self, client: Client, call_ids: Sequence[str]) -> list[records.CallFold]:

@@ -914,6 +914,31 @@ def test_pipelined_batches_chain_and_deduplicate_like_sequential_ones(tmp_path: 
         store.close()
 
 
+def test_a_call_in_flight_with_events_another_replica_stored_is_read_back(tmp_path: Path) -> None:
+    """While batch N (this call's start) is being written, another replica stores an approval
+    vote for the call: batch N+1, prepared on top of N, must fold that vote in as well as N."""
+    call_id = ev.new_call_id()
+    flow = _approval_flow(call_id)
+    store = AuditStore(ClickHouseSettings(url=f"chdb://{tmp_path / 'audit.chdb'}"), tmp_path)
+    try:
+        store.migrate()
+        first = store.prepare_batch(flow[:2])
+        vote = handlers.rows_for_batch([flow[2]])  # stored by another recorder, unseen here
+        with store._use(store._writer):
+            store._writer.insert_rows(
+                f"{store.database}.call_parts", vote.call_parts, handlers.CALL_PART_COLUMNS
+            )
+            store._writer.insert_rows(f"{store.database}.events", vote.events, handlers.EVENT_COLUMNS)
+        second = store.prepare_batch(flow[3:], after=first)
+        store.write_batch(first)
+        store.write_batch(second)
+        oracle, built = _oracle_and_record(store, call_id)
+        assert built == oracle
+        assert built["approval_decisions"] == ["approve:approver-9"] and built["state"] == "completed"
+    finally:
+        store.close()
+
+
 def test_a_batch_that_changes_nothing_writes_no_new_version(store: AuditStore) -> None:
     """A redelivered batch folds into the same state: no call_records version is added for it."""
     call_id = ev.new_call_id()

@@ -167,7 +167,7 @@ _ID_SUBJECT, _ID_ISSUER, _ID_USERNAME, _ID_EMAIL, _ID_GROUPS, _ID_CLIENT, _ID_TO
  _RQ_USER_AGENT) = range(1, 9)  # fmt: skip
 _DC_AT, _DC_DECISION, _DC_REASON, _DC_RULES, _DC_TAGS, _DC_BUNDLE, _DC_UPSTREAM = range(7)
 _DC_ERROR_TYPE, _DC_BODY, _DC_FAIL_OPEN = 8, 9, 10
-_ST_RANK, _ST_AT, _ST_NAME, _ST_STATUS = 0, 2, 3, 4
+_ST_RANK, _ST_AUTHORITY, _ST_AT, _ST_NAME, _ST_STATUS = 0, 1, 2, 3, 4
 (_TM_UPSTREAM, _TM_BODY, _TM_ERROR_TYPE, _TM_ERROR_MESSAGE, _TM_STAGE, _TM_ATTEMPTS,
  _TM_ATTEMPTS_DETAIL, _TM_IN, _TM_OUT, _TM_LATENCY, _TM_REQUEST_ID, _TM_STOP,
  _TM_MODEL) = range(3, 16)  # fmt: skip
@@ -360,6 +360,23 @@ def fold_parts(call_id: str, rows: Sequence[Sequence[Any]]) -> CallFold:
     for row in rows:
         fold.add(_part_from_store(row))
     return fold
+
+
+def provisional_state(fold: CallFold) -> str | None:
+    """The state to show while a call's end is known only from a hint, else None.
+
+    A caller's reply or the forwarder's ``done`` claim can reach the store a batch before the
+    CallCompleted / CallFailed / CallDecided that says how the call ended: the ``calls`` view
+    then already shows the terminal state, without the response or the reason. A lookup shows
+    the state the authoritative events support so far (``forwarding`` once allowed), so a
+    poller keeps polling until the outcome is recorded.
+    """
+    if not fold.terminal_state or int(fold.state[_ST_AUTHORITY]) > 0:
+        return None
+    if int(fold.decided[_DC_AT]) <= 0:
+        return "submitted"
+    state = handlers.DECISION_STATE.get(str(fold.decided[_DC_DECISION]), str(fold.decided[_DC_DECISION]))
+    return "forwarding" if state in ("allowed", "approved") else state
 
 
 def _outcome(fold: CallFold) -> tuple[bool, bool, float | None, Any, Any]:

@@ -877,7 +877,9 @@ class AuditStore:
 
         Read as the call's call_parts rows (a primary-key range) folded here with the view's
         expressions (:func:`records.calls_row`): planning the view's query costs more than
-        running it, and async callers poll this.
+        running it, and async callers poll this. One difference from the view: an end known
+        only from a hint (a reply, the forwarder's claim) is not reported until the event that
+        explains it is stored (:func:`records.provisional_state`).
         """
         with self._use(self._lookup) as client:
             try:
@@ -890,7 +892,12 @@ class AuditStore:
                 raise StoreError(_clean_error(str(exc))) from exc
         if not result.result_rows:
             return None
-        return records.calls_row(records.fold_parts(call_id, result.result_rows))
+        fold = records.fold_parts(call_id, result.result_rows)
+        row = records.calls_row(fold)
+        provisional = records.provisional_state(fold)
+        if provisional is not None:  # the outcome is not recorded yet: not an end to report
+            row.update(state=provisional, status=None, completed_at=None, total_ms=None)
+        return row
 
     def find_masked(
         self, fingerprint: str, *, limit: int = 1000, max_seconds: float = 10.0

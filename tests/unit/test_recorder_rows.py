@@ -939,6 +939,32 @@ def test_a_call_in_flight_with_events_another_replica_stored_is_read_back(tmp_pa
         store.close()
 
 
+def test_a_lookup_reports_no_end_that_only_a_hint_supports(store: AuditStore) -> None:
+    """The caller's reply (or the forwarder's done claim) can be stored a batch before the
+    CallCompleted: the calls view already says completed, with no response; the lookup async
+    callers poll says forwarding until the outcome itself is stored."""
+    call_id = ev.new_call_id()
+    s, d, c, r = call_flow(call_id)
+    store.insert_batch([s, d, r])
+    view = store.query(f"SELECT state FROM calls WHERE call_id = '{call_id}'").rows  # noqa: S608
+    assert view == [["completed"]]
+    early = store.call_state(call_id)
+    assert early is not None and early["state"] == "forwarding" and early["response_body"] is None
+    assert early["status"] is None and early["completed_at"] is None
+    store.insert_batch([c])
+    done = store.call_state(call_id)
+    assert done is not None and done["state"] == "completed" and done["response_body"]
+    denied_id = ev.new_call_id()
+    store.insert_batch(
+        [
+            record(ev.CALL_SUBMITTED, submitted(denied_id), 1),
+            record(ev.CALL_REPLY, reply(denied_id, terminal="denied"), 4),
+        ]
+    )
+    hinted = store.call_state(denied_id)
+    assert hinted is not None and hinted["state"] == "submitted"
+
+
 def test_a_batch_that_changes_nothing_writes_no_new_version(store: AuditStore) -> None:
     """A redelivered batch folds into the same state: no call_records version is added for it."""
     call_id = ev.new_call_id()

@@ -8,6 +8,7 @@ policy bundle version.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import uuid
@@ -337,6 +338,22 @@ def derived_event_id(call_id: str, kind: str) -> str:
     the same id, so the audit store (idempotent on event id) keeps one row.
     """
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"skillgate:{call_id}:{kind}"))
+
+
+def approval_id(call_id: str, kind: str) -> str:
+    """The id of the approval of ``kind`` a call can need (``apr_`` + 24 hex digits).
+
+    Derived like :func:`derived_event_id`, so reprocessing the call asks for the same approval:
+    ``approval`` for a held call (policy), ``tool-approval:<tool_use_id>`` for a held tool call
+    (forwarder).
+    """
+    return "apr_" + derived_event_id(call_id, kind).replace("-", "")[:24]
+
+
+def request_digest(body: bytes) -> str:
+    """SHA-256 (hex) of a request body as the caller sent it: an approval is for that request,
+    and a retry that claims the approval must send the same one."""
+    return hashlib.sha256(body).hexdigest()
 
 
 def new_call_id() -> str:

@@ -43,8 +43,7 @@ class ToolApprovals:
 
     def approval_id(self, tool_use_id: str) -> str:
         """The approval id of a held tool call (derived: the same answer gives the same id)."""
-        derived = events.derived_event_id(self.call["call_id"], f"tool-approval:{tool_use_id}")
-        return "apr_" + derived.replace("-", "")[:24]
+        return events.approval_id(self.call["call_id"], f"tool-approval:{tool_use_id}")
 
     def grant_for(self, rule: CompiledToolRule, tool_input: Any) -> ApprovalResolved | None:
         """The caller's grant that covers this command under ``rule``, if any."""

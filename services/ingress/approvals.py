@@ -12,7 +12,6 @@ a second release.
 
 import asyncio
 import contextlib
-import hashlib
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -183,7 +182,7 @@ def request_matches(request: ApprovalRequested, body: bytes) -> bool | None:
     """Whether ``body`` is the request the approval is for (None: the request names no digest)."""
     if not request["request_sha256"]:
         return None
-    return hashlib.sha256(body).hexdigest() == request["request_sha256"]
+    return events.request_digest(body) == request["request_sha256"]
 
 
 def pending_error_headers(approval_id: str, call_id: str) -> dict[str, str]:

@@ -13,7 +13,6 @@ someone outside the approver groups is refused without changing anything.
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -44,13 +43,8 @@ GRANT_TIME_WINDOW = "time_window"
 
 
 def approval_id_for(call_id: str) -> str:
-    """The approval id of a call: derived from the call id, so reprocessing yields the same id."""
-    return "apr_" + events.derived_event_id(call_id, "approval").replace("-", "")[:24]
-
-
-def request_digest(body: bytes) -> str:
-    """SHA-256 of a request body as the caller sent it (a retry must send the same request)."""
-    return hashlib.sha256(body).hexdigest()
+    """The approval id of a held call: derived from the call id, so reprocessing yields the same id."""
+    return events.approval_id(call_id, "approval")
 
 
 def approval_request(
@@ -108,7 +102,7 @@ def approval_request(
         skills=skills,
         tools=tools,
         estimated_tokens=tokens,
-        request_sha256=request_digest(submitted["body"]),
+        request_sha256=events.request_digest(submitted["body"]),
         mode=submitted["mode"],
         kind="call",
         tool="",

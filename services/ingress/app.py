@@ -146,6 +146,11 @@ Caller = Annotated[Identity, Depends(require_caller)]
 DepsDep = Annotated[Deps, Depends(get_deps)]
 
 
+def _error_response(exc: GatewayError) -> Response:
+    """The Anthropic-shaped response of a :class:`GatewayError` (returned, or raised and caught)."""
+    return anthropic_error(exc.status, exc.message, error_type=exc.error_type, headers=exc.headers)
+
+
 def _reply_response(reply: CallReply, call_id: str) -> Response:
     headers = {k: v for k, v in reply["headers"].items() if k.lower() not in _DROP_RESPONSE_HEADERS}
     headers["x-skillgate-call-id"] = call_id
@@ -273,39 +278,23 @@ async def sync_call(request: Request, deps: Deps, identity: Identity, path: str)
     try:
         await _publish(deps, event)
         pending: dict[str, Any] | None = None  # the approval notice, once the call is held
-        while True:
-            get = asyncio.ensure_future(waiter.queue.get())
-            orphan = asyncio.ensure_future(waiter.orphaned.wait())
-            try:
-                done, _ = await asyncio.wait(
-                    {get, orphan},
-                    timeout=max(0.0, deadline - time.monotonic()),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-            finally:
-                orphan.cancel()
-                if not get.done():
-                    get.cancel()
-            if get not in done:
-                break
-            reply = get.result()
+        while (reply := await waiter.next(deadline - time.monotonic())) is not None:
             if reply["kind"] != "approval_pending":
                 return _reply_response(reply, call_id)
             # Held for a human: wait for the decision up to the approval wait (never longer
             # than the sync timeout), then tell the caller how to get the result later.
             pending = orjson.loads(reply["body"])
             deadline = min(deadline, time.monotonic() + deps.settings.approval_wait_seconds)
-        if pending is not None and orphan not in done:
-            approval_id = str(pending["approval_id"])
-            return anthropic_error(
-                403,
-                approvals.pending_message(
-                    approval_id, str(pending.get("reason") or ""), deps.settings.approvals_url
-                ),
-                error_type="permission_error",
-                headers=approvals.pending_error_headers(approval_id, call_id),
+        if pending is not None and not waiter.orphaned.is_set():
+            return _error_response(
+                approvals.pending_error(
+                    str(pending["approval_id"]),
+                    str(pending.get("reason") or ""),
+                    deps.settings.approvals_url,
+                    call_id,
+                )
             )
-        if orphan in done:
+        if waiter.orphaned.is_set():
             token = bearer_from_headers(
                 request.headers.get("authorization"), request.headers.get("x-api-key")
             )
@@ -348,11 +337,8 @@ async def approved_result(request: Request, deps: Deps, identity: Identity, appr
         )
     state = view.state(events.now_micros())
     if state == "pending":
-        return anthropic_error(
-            403,
-            approvals.pending_message(approval_id, requested["reason"], deps.settings.approvals_url),
-            error_type="permission_error",
-            headers=approvals.pending_error_headers(approval_id, call_id),
+        return _error_response(
+            approvals.pending_error(approval_id, requested["reason"], deps.settings.approvals_url, call_id)
         )
     if state != "approved":
         reason = view.resolved["reason"] if view.resolved else f"approval {approval_id} expired"
@@ -443,7 +429,7 @@ def create_app(settings: IngressSettings | None = None) -> FastAPI:
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> Response:
         REQUESTS.labels(request.url.path if exc.status != 404 else "other", str(exc.status)).inc()
-        return anthropic_error(exc.status, exc.message, error_type=exc.error_type, headers=exc.headers)
+        return _error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:

@@ -185,14 +185,20 @@ def request_matches(request: ApprovalRequested, body: bytes) -> bool | None:
     return events.request_digest(body) == request["request_sha256"]
 
 
-def pending_error_headers(approval_id: str, call_id: str) -> dict[str, str]:
-    """Headers of the error a held caller gets (the SDKs must not retry it on their own)."""
-    return {
-        "x-skillgate-approval-id": approval_id,
-        "x-skillgate-approval-state": "pending",
-        "x-skillgate-call-id": call_id,
-        "x-should-retry": "false",
-    }
+def pending_error(approval_id: str, reason: str, approvals_url: str, call_id: str) -> GatewayError:
+    """The 403 a caller gets while its call waits for approval: the approval id, where to
+    decide, how to retry, and headers that keep the SDKs from retrying on their own."""
+    return GatewayError(
+        403,
+        pending_message(approval_id, reason, approvals_url),
+        error_type="permission_error",
+        headers={
+            "x-skillgate-approval-id": approval_id,
+            "x-skillgate-approval-state": "pending",
+            "x-skillgate-call-id": call_id,
+            "x-should-retry": "false",
+        },
+    )
 
 
 def pending_message(approval_id: str, reason: str, approvals_url: str) -> str:

@@ -50,6 +50,24 @@ class Waiter:
         self.queue: asyncio.Queue[CallReply] = asyncio.Queue()
         self.orphaned = asyncio.Event()
 
+    async def next(self, within: float, gone: asyncio.Future[None] | None = None) -> CallReply | None:
+        """The next reply; None after ``within`` seconds, once the reply partition moved away
+        (:attr:`orphaned`), or once ``gone`` completes (the caller left)."""
+        get = asyncio.ensure_future(self.queue.get())
+        orphan = asyncio.ensure_future(self.orphaned.wait())
+        try:
+            await asyncio.wait(
+                {get, orphan} if gone is None else {get, orphan, gone},
+                timeout=max(0.0, within),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            orphan.cancel()
+            if not get.done():
+                get.cancel()
+        # A reply taken off the queue is never dropped, even when something else ended the wait.
+        return get.result() if get.done() and not get.cancelled() else None
+
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, router: ReplyRouter) -> None:

@@ -35,7 +35,7 @@ from aiokafka import AIOKafkaProducer
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import Counter
 
-from services.ingress.approvals import pending_error_headers, pending_message
+from services.ingress.approvals import pending_error
 from services.ingress.replies import ReplyRouter, Waiter
 from skillgate import events
 from skillgate.codec import AvroCodec
@@ -122,12 +122,8 @@ class StreamCall:
                 # Not cancelled: the call stays held; once approved it runs (and is recorded),
                 # and a retry with x-skillgate-approval returns its result.
                 STREAM_OUTCOMES.labels("approval_pending").inc()
-                approval_id = str(pending["approval_id"])
-                raise GatewayError(
-                    403,
-                    pending_message(approval_id, str(pending.get("reason") or ""), self.approvals_url),
-                    error_type="permission_error",
-                    headers=pending_error_headers(approval_id, call_id),
+                raise pending_error(
+                    str(pending["approval_id"]), str(pending.get("reason") or ""), self.approvals_url, call_id
                 )
             if first is None:
                 self._cancel(event, 0, "no_first_reply")
@@ -165,19 +161,7 @@ class StreamCall:
     ) -> CallReply | None:
         """The first reply, or ``None`` on timeout (``within``, default the first-reply timeout),
         when the reply partition moved away, or when the caller went away (``gone``)."""
-        get = asyncio.ensure_future(waiter.queue.get())
-        orphan = asyncio.ensure_future(waiter.orphaned.wait())
-        try:
-            done, _ = await asyncio.wait(
-                {get, orphan} if gone is None else {get, orphan, gone},
-                timeout=self.first_reply_timeout if within is None else within,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            orphan.cancel()
-            if not get.done():
-                get.cancel()
-        return get.result() if get in done else None
+        return await waiter.next(self.first_reply_timeout if within is None else within, gone)
 
     async def _relay(self, event: CallSubmitted, waiter: Waiter, first: CallReply) -> AsyncIterator[bytes]:
         """The SSE bytes for the caller: chunks in order, pings while silent, until ``end``."""

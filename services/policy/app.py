@@ -245,6 +245,15 @@ class DecideLoop:
             await previous.stop()
 
 
+async def _until_stopped(stop: Callable[[], Awaitable[None]]) -> None:
+    """Wait until the worker stops (it cancels its tasks), then ``stop`` a reader it started, so
+    its Kafka consumer leaves cleanly instead of with the process."""
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await stop()
+
+
 class PolicyService:
     """The faust app plus the bundle it applies."""
 
@@ -359,8 +368,10 @@ class PolicyService:
             self.watcher = await follow_bundles(self.kafka, name, self.bundle, self.use_bundle)
         except Exception as exc:
             log.error("cannot follow published bundles; the file bundle stays", extra={"error": str(exc)})
+            return
         finally:
             self._bundles_ready.set()
+        await _until_stopped(self.watcher.stop)
 
     def use_bundle(self, bundle: Bundle) -> None:
         """Apply ``bundle`` from now on (detectors and masker are built once per bundle)."""
@@ -577,14 +588,16 @@ class PolicyService:
             follower = TopicFollower(self.kafka, [topics.APPROVALS_RESOLVED], self.grants.on_event)
             try:
                 await follower.start()
-                return
             except Exception as exc:
                 log.error(
                     "cannot follow approval grants yet; retrying (calls a grant covers are held meanwhile)",
                     extra={"error": f"{type(exc).__name__}: {exc}"[:300]},
                 )
-            await asyncio.sleep(backoff)  # retry backoff while Kafka is unreachable
-            backoff = min(backoff * 2, 30.0)
+                await asyncio.sleep(backoff)  # retry backoff while Kafka is unreachable
+                backoff = min(backoff * 2, 30.0)
+                continue
+            await _until_stopped(follower.stop)
+            return
 
     async def handle_approval(
         self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes

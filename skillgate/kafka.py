@@ -13,9 +13,9 @@ import hashlib
 import logging
 import ssl
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from skillgate import events, topics
@@ -24,6 +24,29 @@ from skillgate.config import KafkaSettings
 from skillgate.metrics import DEAD_LETTERS
 
 log = logging.getLogger(__name__)
+
+
+class PartitionOwner(Protocol):
+    """Something that keeps per-partition state across consumer-group rebalances."""
+
+    async def on_revoked(self, revoked: list[TopicPartition]) -> None:
+        """Partitions taken away (finish or hand over their work)."""
+
+    async def on_assigned(self, assigned: list[TopicPartition]) -> None:
+        """Partitions given to this member."""
+
+
+class RebalanceRelay(ConsumerRebalanceListener):  # type: ignore[misc]
+    """An aiokafka rebalance listener that hands both events to a :class:`PartitionOwner`."""
+
+    def __init__(self, owner: PartitionOwner) -> None:
+        self._owner = owner
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self._owner.on_revoked(list(revoked))
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        await self._owner.on_assigned(list(assigned))
 
 
 def client_kwargs(settings: KafkaSettings) -> dict[str, Any]:

@@ -25,12 +25,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
 from typing import Any, cast
 
 import httpx
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
 from prometheus_client import Counter, Gauge
 
@@ -65,7 +64,7 @@ from skillgate.events import (
 )
 from skillgate.fingerprints import load_fingerprint_key
 from skillgate.follow import TopicFollower
-from skillgate.kafka import DeadLetterer, OffsetTracker, make_consumer, make_producer
+from skillgate.kafka import DeadLetterer, OffsetTracker, RebalanceRelay, make_consumer, make_producer
 from skillgate.logs import call_context
 from skillgate.lru import BoundedCache
 from skillgate.metrics import EVENTS_CONSUMED, EVENTS_PRODUCED, STAGE_SECONDS
@@ -114,17 +113,6 @@ _STATUS_OF_ERROR = {
     "timeout_error": 504,
     "overloaded_error": 529,
 }
-
-
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, service: ForwarderService) -> None:
-        self._service = service
-
-    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        await self._service.on_revoked(list(revoked))
-
-    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        await self._service.on_assigned(list(assigned))
 
 
 class ForwarderService:
@@ -224,7 +212,7 @@ class ForwarderService:
         await self.cancels.start()
         await self._grants_follower.start()
         await self.consumer.start()
-        self.consumer.subscribe([self.decided_topic], listener=_Listener(self))
+        self.consumer.subscribe([self.decided_topic], listener=RebalanceRelay(self))
 
     async def stop(self) -> None:
         """Finish in-flight calls (bounded), commit, leave the group, close clients."""

@@ -60,7 +60,7 @@ from skillgate.config import KafkaSettings
 from skillgate.errors import sse_error_frame
 from skillgate.events import CALL_CANCELLED, CALL_REPLY, CallDecided, CallReply, MaskedValue
 from skillgate.kafka import make_consumer, stop_reader
-from skillgate.policy.masking import mask_citation
+from skillgate.policy.masking import mask_citation, mask_citations
 from skillgate.policy.streaming import StreamTextMasker
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,6 @@ __all__ = [
     "end_reply",
     "sse_frame",
 ]
-
-#: Response headers of a stream for the caller (the upstream's content-type is kept as sent).
 
 
 def sse_frame(name: str, data: Any) -> bytes:
@@ -240,12 +238,10 @@ class StreamGuard:
                 self._held[index] = _HeldTool(start=data, frames=[ev.raw])
                 return []
         elif btype == "text" and self._types:
-            citations = block.get("citations")
-            if isinstance(citations, list) and citations:
-                masked = [self._mask_citation(c, index, n) for n, c in enumerate(citations)]
-                if any(m is not c for m, c in zip(masked, citations, strict=True)):
-                    changed = {**data, "content_block": {**block, "citations": masked}}
-                    ev = SSEEvent(ev.name, changed, sse_frame("content_block_start", changed))
+            masked_block = mask_citations(block, f"content[{index}]", self._mask_text)
+            if masked_block is not block:
+                changed = {**data, "content_block": masked_block}
+                ev = SSEEvent(ev.name, changed, sse_frame("content_block_start", changed))
             self._maskers[index] = StreamTextMasker(
                 self._session,
                 self._policy.masker.detectors,
@@ -301,13 +297,12 @@ class StreamGuard:
         (:func:`~skillgate.policy.masking.mask_citation`); itself when nothing changed."""
         if not self._types:
             return citation
-        session, types = self._session, self._types
+        return mask_citation(citation, f"content[{index}].citations[{number}]", self._mask_text)
 
-        def mask(text: str, location: str) -> str:
-            result = session.mask_text(text, location=location, types=types)
-            return result.text if result.masked else text
-
-        return mask_citation(citation, f"content[{index}].citations[{number}]", mask)
+    def _mask_text(self, text: str, location: str) -> str:
+        """``text`` masked for the caller (itself when nothing was found)."""
+        result = self._session.mask_text(text, location=location, types=self._types)
+        return result.text if result.masked else text
 
     def _block_stop(self, ev: SSEEvent, data: dict[str, Any]) -> list[bytes]:
         index = int(data.get("index", 0))

@@ -174,54 +174,45 @@ class StreamCall:
                 yield first["body"]
             delivered = 1
             idle = 0.0
-            orphan = asyncio.ensure_future(waiter.orphaned.wait())
-            try:
-                while True:
-                    get = asyncio.ensure_future(waiter.queue.get())
-                    done, _ = await asyncio.wait(
-                        {get, orphan}, timeout=self.ping_seconds, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    if get not in done:
-                        get.cancel()
-                        if orphan in done:
-                            ended = True
-                            STREAM_OUTCOMES.labels("orphaned").inc()
-                            yield sse_error_frame(
-                                "api_error",
-                                f"skillgate lost this stream's reply channel (replicas rebalanced); call "
-                                f"{call_id} still completes and is recorded",
-                            )
-                            return
-                        idle += self.ping_seconds
-                        if idle >= self.idle_timeout:
-                            STREAM_OUTCOMES.labels("idle_timeout").inc()
-                            yield sse_error_frame(
-                                "timeout_error", f"call {call_id} sent nothing for {idle:.0f} s"
-                            )
-                            return
-                        PINGS.inc()
-                        yield PING_FRAME
-                        continue
-                    idle = 0.0
-                    reply = get.result()
-                    if reply["seq"] < expected and reply["kind"] == "chunk":
-                        continue  # a duplicate (redelivery): already relayed
-                    if reply["kind"] == "end":
+            while True:
+                reply = await waiter.next(self.ping_seconds)
+                if reply is None:
+                    if waiter.orphaned.is_set():
                         ended = True
-                        STREAM_OUTCOMES.labels("completed").inc()
-                        if reply["body"]:
-                            yield reply["body"]
+                        STREAM_OUTCOMES.labels("orphaned").inc()
+                        yield sse_error_frame(
+                            "api_error",
+                            f"skillgate lost this stream's reply channel (replicas rebalanced); call "
+                            f"{call_id} still completes and is recorded",
+                        )
                         return
-                    if reply["seq"] != expected:
-                        ended = True
-                        yield sse_error_frame("api_error", f"stream of call {call_id} lost chunk {expected}")
+                    idle += self.ping_seconds
+                    if idle >= self.idle_timeout:
+                        STREAM_OUTCOMES.labels("idle_timeout").inc()
+                        yield sse_error_frame(
+                            "timeout_error", f"call {call_id} sent nothing for {idle:.0f} s"
+                        )
                         return
-                    expected += 1
-                    delivered += 1
+                    PINGS.inc()
+                    yield PING_FRAME
+                    continue
+                idle = 0.0
+                if reply["seq"] < expected and reply["kind"] == "chunk":
+                    continue  # a duplicate (redelivery): already relayed
+                if reply["kind"] == "end":
+                    ended = True
+                    STREAM_OUTCOMES.labels("completed").inc()
                     if reply["body"]:
                         yield reply["body"]
-            finally:
-                orphan.cancel()
+                    return
+                if reply["seq"] != expected:
+                    ended = True
+                    yield sse_error_frame("api_error", f"stream of call {call_id} lost chunk {expected}")
+                    return
+                expected += 1
+                delivered += 1
+                if reply["body"]:
+                    yield reply["body"]
         finally:
             self.router.unregister(call_id)
             if not ended:

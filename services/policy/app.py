@@ -19,13 +19,13 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
 import httpx
 import orjson
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
@@ -55,7 +55,7 @@ from skillgate.events import (
 )
 from skillgate.fingerprints import load_fingerprint_key
 from skillgate.follow import TopicFollower
-from skillgate.kafka import OffsetTracker, dead_letter_value, make_consumer
+from skillgate.kafka import OffsetTracker, RebalanceRelay, dead_letter_value, make_consumer
 from skillgate.logs import call_context
 from skillgate.metrics import DEAD_LETTERS, EVENTS_CONSUMED, EVENTS_PRODUCED, STAGE_SECONDS
 from skillgate.policy.bundle import Bundle, BundleError, load_bundle
@@ -114,17 +114,6 @@ def own_topics(policy: PolicySettings, kafka: KafkaSettings) -> list[tuple[str, 
     ]
 
 
-class _DecideListener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, loop: DecideLoop) -> None:
-        self._loop = loop
-
-    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        await self._loop.on_revoked(list(revoked))
-
-    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        await self._loop.on_assigned(list(assigned))
-
-
 class DecideLoop:
     """Reads ``calls.submitted`` and decides each call (:meth:`PolicyService.handle`).
 
@@ -163,7 +152,7 @@ class DecideLoop:
         )
         self._consumer = consumer
         await consumer.start()
-        consumer.subscribe([self._topic], listener=_DecideListener(self))
+        consumer.subscribe([self._topic], listener=RebalanceRelay(self))
         last_commit = time.monotonic()
         try:
             while True:

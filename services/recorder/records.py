@@ -322,7 +322,8 @@ def _plain(value: Any) -> Any:
     return tuple(value.values()) if isinstance(value, dict) else value
 
 
-#: ``SELECT`` list that reads a call's fold back from call_parts, in CALL_PART_COLUMNS order.
+#: ``SELECT`` list that reads a call's fold back from call_parts, in CALL_PART_COLUMNS order
+#: (read with :func:`fold_parts`).
 FOLD_SELECT = (
     "call_id, any(call_month), max(session_id), max(ident), max(request), min(submitted_at), "
     "min(first_event_at), max(last_event_at), max(decided), max(state), max(terminal), "
@@ -346,16 +347,9 @@ def _part_from_store(row: Sequence[Any]) -> list[Any]:
     return part
 
 
-def fold_from_store(row: Sequence[Any]) -> CallFold:
-    """A :class:`CallFold` from a row of ``SELECT {FOLD_SELECT} ... GROUP BY call_id``."""
-    part = _part_from_store(row)
-    fold = CallFold(str(part[_P_CALL]))
-    fold.add(part)
-    return fold
-
-
 def fold_parts(call_id: str, rows: Sequence[Sequence[Any]]) -> CallFold:
-    """A :class:`CallFold` from a call's raw call_parts rows (``SELECT`` of CALL_PART_COLUMNS)."""
+    """A :class:`CallFold` from a call's call_parts rows as ClickHouse returns them: raw rows
+    (``SELECT`` of CALL_PART_COLUMNS) or one row already folded (``SELECT {FOLD_SELECT}``)."""
     fold = CallFold(call_id)
     for row in rows:
         fold.add(_part_from_store(row))

@@ -324,6 +324,17 @@ class PreparedBatch:
     written: dict[str, tuple[str, int, int]] = field(default_factory=dict)
 
 
+def _in_list(param: str) -> str:
+    """``IN (...)`` over a list given as the one JSON string parameter ``param``: binding
+    thousands of array elements costs more than the query itself."""
+    return f"IN (SELECT arrayJoin(JSONExtract({{{param}:String}}, 'Array(String)')))"
+
+
+def _list_param(values: Iterable[str]) -> str:
+    """The value of an :func:`_in_list` parameter."""
+    return orjson.dumps(list(values)).decode()
+
+
 def _fold_weight(fold: records.CallFold) -> int:
     # The bodies dominate; the rest of a fold is a few hundred bytes.
     return len(fold.request_body) + len(str(fold.terminal[4] or "")) + 1024
@@ -374,7 +385,7 @@ class AuditStore:
         fold_cache_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.settings = settings
-        #: Folds of the calls written recently (see _write_call_records), bounded by body size.
+        #: Folds of the calls written recently (see _fold_calls), bounded by body size.
         self._folds: BoundedCache[str, records.CallFold] = BoundedCache(fold_cache_bytes, _fold_weight)
         #: Conversation hash -> resolved session of recently written calls (~200 bytes each).
         self._conversations: BoundedCache[str, str] = BoundedCache(
@@ -672,14 +683,12 @@ class AuditStore:
         Returns the batch's event ids already stored, with the (topic, partition, offset) they
         were read at, and for each call of the batch every event id stored for it so far.
         """
-        # The batch's call ids travel as one JSON string parameter (binding thousands of array
-        # elements costs more than the query), and the filter on call_id reads only the
-        # granules of those calls through the primary key (call_id, event_id).
-        calls = orjson.dumps(sorted({c for c, _ in keys})).decode()
+        # The filter on call_id reads only the granules of those calls through the primary key
+        # (call_id, event_id).
         result = client.query(
             f"SELECT call_id, event_id, topic, kafka_partition, kafka_offset FROM {self.database}.events "  # noqa: S608
-            "WHERE call_id IN (SELECT arrayJoin(JSONExtract({calls:String}, 'Array(String)')))",
-            parameters={"calls": calls},
+            f"WHERE call_id {_in_list('calls')}",
+            parameters={"calls": _list_param(sorted({c for c, _ in keys}))},
         )
         wanted = {e for _, e in keys}
         known: dict[str, tuple[str, int, int]] = {}
@@ -794,20 +803,20 @@ class AuditStore:
     def _read_folds(self, client: Client, call_ids: Sequence[str]) -> list[records.CallFold]:
         """Folds of ``call_ids`` from ``call_parts``, and whether each has a terminal version."""
         db = self.database
-        ids = orjson.dumps(list(call_ids)).decode()
+        ids = _list_param(call_ids)
         result = client.query(
             f"SELECT {records.FOLD_SELECT} FROM {db}.call_parts "  # noqa: S608
-            "WHERE call_id IN (SELECT arrayJoin(JSONExtract({ids:String}, 'Array(String)'))) GROUP BY call_id",
+            f"WHERE call_id {_in_list('ids')} GROUP BY call_id",
             parameters={"ids": ids},
         )
-        folds = [records.fold_from_store(row) for row in result.result_rows]
+        folds = [records.fold_parts(str(row[0]), [row]) for row in result.result_rows]
         if not folds:
             return folds
         earliest = min(fold.time_ms() for fold in folds)
         before = client.query(
             f"SELECT call_id, argMax(state, version) FROM {db}.call_records "  # noqa: S608
             "WHERE time >= fromUnixTimestamp64Milli({t:Int64}, 'UTC') "
-            "AND call_id IN (SELECT arrayJoin(JSONExtract({ids:String}, 'Array(String)'))) GROUP BY call_id",
+            f"AND call_id {_in_list('ids')} GROUP BY call_id",
             parameters={"t": earliest, "ids": ids},
         )
         ended = {str(c) for c, state in before.result_rows if state in records.TERMINAL_STATES}
@@ -833,9 +842,8 @@ class AuditStore:
         if missing:
             found = client.query(
                 f"SELECT conversation_hash, argMin(session_id, time) FROM {self.database}.call_records "  # noqa: S608
-                "WHERE conversation_hash IN (SELECT arrayJoin(JSONExtract({h:String}, 'Array(String)'))) "
-                "GROUP BY conversation_hash",
-                parameters={"h": orjson.dumps(missing).decode()},
+                f"WHERE conversation_hash {_in_list('h')} GROUP BY conversation_hash",
+                parameters={"h": _list_param(missing)},
             )
             for conversation, session in found.result_rows:
                 known[str(conversation)] = str(session)
@@ -860,9 +868,8 @@ class AuditStore:
         result = client.query(
             f"SELECT topic, partition, argMax(chain, last_offset), max(last_offset) "  # noqa: S608
             f"FROM {self.database}.audit_checkpoints "
-            "WHERE topic IN (SELECT arrayJoin(JSONExtract({t:String}, 'Array(String)'))) "
-            "GROUP BY topic, partition",
-            parameters={"t": orjson.dumps(topics).decode()},
+            f"WHERE topic {_in_list('t')} GROUP BY topic, partition",
+            parameters={"t": _list_param(topics)},
         )
         heads = {(str(t), int(p)): (str(c), int(o)) for t, p, c, o in result.result_rows}
         if after is not None:
@@ -1133,10 +1140,10 @@ class AuditStore:
         call_rows = [
             {n: _aware(v) for n, v in zip(calls.column_names, row, strict=True)} for row in calls.result_rows
         ]
-        ids = orjson.dumps([c["call_id"] for c in call_rows]).decode()
+        ids = _list_param(c["call_id"] for c in call_rows)
         events = self._read(
             f"SELECT event_id, event_type, topic, call_id, time, subject, username, payload "  # noqa: S608
-            f"FROM {db}.events WHERE call_id IN (SELECT arrayJoin(JSONExtract({{ids:String}}, 'Array(String)'))) "
+            f"FROM {db}.events WHERE call_id {_in_list('ids')} "
             "AND event_type NOT IN ('CallReply', 'ForwarderClaim') "
             "ORDER BY time, event_id LIMIT 1 BY event_id",
             {"ids": ids},

@@ -488,13 +488,7 @@ def _message(message: Any, path: str, fn: _TextFn) -> Any:
 
 def _blocks(blocks: list[Any], path: str, fn: _TextFn) -> list[Any]:
     """Content blocks; returns ``blocks`` itself when nothing in them changed."""
-    out: list[Any] | None = None
-    for i, block in enumerate(blocks):
-        new_block = _block(block, f"{path}[{i}]", fn)
-        if new_block is not block:
-            if out is None:
-                out = list(blocks)
-            out[i] = new_block
+    out = _replace_items(blocks, lambda i, block: _block(block, f"{path}[{i}]", fn))
     return blocks if out is None else out
 
 
@@ -511,7 +505,7 @@ def _block(block: Any, path: str, fn: _TextFn) -> Any:
     if kind == "text":
         text = block.get("text")
         new_text = fn(text, f"{path}.text") if isinstance(text, str) else text
-        new_block = _citations(block, path, fn)  # after the text: placeholders in reading order
+        new_block = mask_citations(block, path, fn)  # after the text: placeholders in reading order
         if new_text is text:
             return new_block
         new_block = dict(new_block) if new_block is block else new_block
@@ -578,7 +572,7 @@ def _replace_items(items: list[Any], update: Callable[[int, Any], Any]) -> list[
     return out
 
 
-def _citations(block: dict[str, Any], path: str, fn: _TextFn) -> dict[str, Any]:
+def mask_citations(block: dict[str, Any], path: str, fn: _TextFn) -> dict[str, Any]:
     """``block`` with its citations masked (``block`` itself when unchanged)."""
     citations = block.get("citations")
     if not isinstance(citations, list) or not citations:
@@ -607,13 +601,7 @@ def _json(value: Any, path: str, fn: _TextFn, depth: int) -> Any:
                 out[k] = new_v
         return value if out is None else out
     if isinstance(value, list):
-        items: list[Any] | None = None
-        for i, v in enumerate(value):
-            new_v = _json(v, f"{path}[{i}]", fn, depth + 1)
-            if new_v is not v:
-                if items is None:
-                    items = list(value)
-                items[i] = new_v
+        items = _replace_items(value, lambda i, v: _json(v, f"{path}[{i}]", fn, depth + 1))
         return value if items is None else items
     return value
 

@@ -349,16 +349,11 @@ class StreamTextMasker:
         offset = len(self._context)
         text = self._context + pending
         findings = [f for f in self._detectors.scan(text, types=self._types) if f.end > offset]
-        # Never cut a value: hold it whole (or, when the hold is full, release it whole).
-        moved = True
-        while moved and 0 < cut < len(pending):
-            moved = False
-            for finding in findings:
-                start, end = finding.start - offset, finding.end - offset
-                if start < cut < end:
-                    cut = end if forced or final else max(start, 0)
-                    moved = True
-                    break
+        # Never cut a value: hold it whole (or, when the hold is full, release it whole). Findings
+        # do not overlap, so moving the cut to one's edge cannot put it inside another.
+        inside = next((f for f in findings if f.start - offset < cut < f.end - offset), None)
+        if inside is not None:
+            cut = inside.end - offset if forced else max(inside.start - offset, 0)
         if cut <= 0:
             return ""
         chosen: list[Finding] = [

@@ -39,7 +39,16 @@ from unittest import mock
 import httpx
 
 import services.cli.stack as stack_module
-from bench.loadgen import TOOLS, LoadSpec, Target, client_description, run_load, wrk_available
+from bench.loadgen import (
+    STACK_WARMUP_CONCURRENCY,
+    TOOLS,
+    LoadSpec,
+    Target,
+    client_description,
+    run_load,
+    warm_up_stack,
+    wrk_available,
+)
 from bench.procstat import CpuProbe, CpuUsage, machine_busy_now
 from bench.stats import Summary, summarize
 from services.cli.stack import Stack, StackPorts
@@ -394,28 +403,19 @@ class LevelResult:
         return None if a is None or b is None else float(a - b)
 
 
-class _NoHook:
-    """A window hook that does nothing (for the stack warm-up)."""
-
-    def begin(self) -> None:
-        """Nothing to do."""
-
-    def end(self) -> None:
-        """Nothing to do."""
-
-
-STACK_WARMUP_CONCURRENCY = 8
-
-
-def warm_up_stack(config: Config, target: Target, body: bytes) -> Summary:
+def stack_warmup(config: Config, target: Target, body: bytes) -> Summary:
     """Load through skillgate once before the first level; nothing of it is reported as a result."""
-    spec = LoadSpec(
-        concurrency=min(STACK_WARMUP_CONCURRENCY, max(config.concurrency)),
-        warmup_s=0.0,
-        duration_s=config.stack_warmup_s,
-        timeout_s=config.timeout_s,
+    return summarize(
+        warm_up_stack(
+            target,
+            body,
+            config.stack_warmup_s,
+            tool=config.tool,
+            concurrency=min(STACK_WARMUP_CONCURRENCY, max(config.concurrency)),
+            timeout_s=config.timeout_s,
+            wrk_threads=config.wrk_threads,
+        )
     )
-    return summarize(run_load(config.tool, target, body, spec, _NoHook(), config.wrk_threads))
 
 
 def _with_client(usage: CpuUsage | None, summary: Summary) -> CpuUsage | None:
@@ -443,7 +443,7 @@ def measure(
         print(
             f"  warming the stack up for {config.stack_warmup_s:g} s (not counted) ...", end=" ", flush=True
         )
-        warm = warm_up_stack(config, skillgate, body)
+        warm = stack_warmup(config, skillgate, body)
         print(f"{warm.successes} calls, {warm.errors} errors", flush=True)
         setup["stack_warmup"] = dataclasses.asdict(warm)
     for level in config.concurrency:

@@ -24,6 +24,14 @@ Reported, as p50 / p99 over the calls, and the overhead (skillgate minus direct)
   at this moment, against which the streaming figures can be read.
 * **Kafka records per stream**: chunk messages vs SSE events relayed (the forwarder's metrics),
   i.e. how much the relay batches.
+* **Where the first byte's time goes**: for each call through skillgate, the ``time`` its
+  CallSubmitted, CallDecided, ``claimed`` claim and first chunk were stamped with (read back from
+  Kafka after the run), against when the request was sent and its first byte arrived: ingress,
+  each hop with the service behind it, the claim's acknowledgement plus the upstream call.
+
+Before anything is measured, ``--stack-warmup`` seconds of non-streamed load go through skillgate:
+Kafka's broker runs interpreted until the JVM has compiled its produce and fetch paths, and a
+fresh broker's hop is 2-3 times slower than a warm one's.
 
 Numbers go to stdout and ``bench/results/streaming-<UTC timestamp>.json``.
 """
@@ -44,7 +52,12 @@ from typing import Any
 
 import httpx
 
+from bench.loadgen import Target, warm_up_stack
 from services.cli.stack import Stack, StackPorts
+from skillgate import topics
+from skillgate.codec import default_codec
+from skillgate.config import KafkaSettings
+from skillgate.kafka import make_consumer
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODEL = "claude-sonnet-4-5"
@@ -60,10 +73,14 @@ class Timing:
     char_ms: list[float] = field(default_factory=list)
     total_ms: float = 0.0
     text: str = ""
+    #: Wall-clock µs when the request was sent (the events' own clock, for the stage split).
+    sent_us: int = 0
+    call_id: str | None = None
 
 
 async def stream_once(client: httpx.AsyncClient, url: str, headers: dict[str, str], body: bytes) -> Timing:
     """POST one streamed call and time its events as they arrive."""
+    sent_us = time.time_ns() // 1000
     t0 = time.perf_counter()
     ttfb: float | None = None
     ttft: float | None = None
@@ -73,6 +90,7 @@ async def stream_once(client: httpx.AsyncClient, url: str, headers: dict[str, st
     async with client.stream("POST", url, headers=headers, content=body) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"{url}: {resp.status_code} {(await resp.aread())[:300]!r}")
+        call_id = resp.headers.get("x-skillgate-call-id")
         async for chunk in resp.aiter_raw():
             now = (time.perf_counter() - t0) * 1000.0
             buffer += chunk
@@ -90,7 +108,62 @@ async def stream_once(client: httpx.AsyncClient, url: str, headers: dict[str, st
                         chars.extend([now] * len(piece))
     total = (time.perf_counter() - t0) * 1000.0
     assert ttfb is not None
-    return Timing(ttfb, ttft, chars, total, "".join(text))
+    return Timing(ttfb, ttft, chars, total, "".join(text), sent_us, call_id)
+
+
+#: Where a streamed call's first byte spends its time, from the events' own ``time`` stamps
+#: (µs, stamped when each event is built, just before it is produced): (stage, from, to).
+STAGES: tuple[tuple[str, str, str], ...] = (
+    ("ingress: request -> CallSubmitted built", "sent", topics.SUBMITTED),
+    ("hop + policy: -> CallDecided built", topics.SUBMITTED, topics.DECIDED),
+    ("hop + forwarder: -> claim built", topics.DECIDED, topics.FORWARDER_CLAIMS),
+    ("claim ack + upstream: -> first chunk built", topics.FORWARDER_CLAIMS, topics.REPLIES),
+    ("hop + ingress: -> first byte at the client", topics.REPLIES, "first_byte"),
+)
+
+
+async def event_times(stack: Stack, call_ids: set[str]) -> dict[str, dict[str, int]]:
+    """For each call: when its CallSubmitted, CallDecided, ``claimed`` claim and first chunk
+    were built (µs), read back from Kafka after the run."""
+    codec = default_codec()
+    settings = KafkaSettings(bootstrap=f"127.0.0.1:{stack.ports.kafka}", topic_prefix=stack.topic_prefix)
+    found: dict[str, dict[str, int]] = {}
+    for suffix in (topics.SUBMITTED, topics.DECIDED, topics.FORWARDER_CLAIMS, topics.REPLIES):
+        consumer = make_consumer(settings, None, topics.name(settings, suffix))
+        await consumer.start()
+        try:
+            # Everything was produced before this reads: an empty fetch means the end.
+            while batches := await consumer.getmany(timeout_ms=2000):
+                for records in batches.values():
+                    for record in records:
+                        _, event = codec.decode(record.value or b"")
+                        if event["call_id"] not in call_ids:
+                            continue
+                        if suffix == topics.FORWARDER_CLAIMS and event["state"] != "claimed":
+                            continue
+                        if suffix == topics.REPLIES and event["seq"] != 0:
+                            continue
+                        found.setdefault(event["call_id"], {}).setdefault(suffix, int(event["time"]))
+        finally:
+            await consumer.stop()
+    return found
+
+
+def stage_split(timings: Sequence[Timing], stamps: dict[str, dict[str, int]]) -> dict[str, dict[str, float]]:
+    """p50 / p99 of each stage of :data:`STAGES` over the calls whose four events were found."""
+    columns: dict[str, list[float]] = {name: [] for name, _, _ in STAGES}
+    for t in timings:
+        marks = stamps.get(t.call_id or "")
+        if marks is None or len(marks) < 4:
+            continue
+        at = {**marks, "sent": t.sent_us, "first_byte": t.sent_us + int(t.ttfb_ms * 1000)}
+        for name, start, end in STAGES:
+            columns[name].append((at[end] - at[start]) / 1000.0)
+    return {
+        name: {"p50": round(pct(values, 0.5), 2), "p99": round(pct(values, 0.99), 2), "calls": len(values)}
+        for name, values in columns.items()
+        if values
+    }
 
 
 async def call_once(client: httpx.AsyncClient, url: str, headers: dict[str, str], body: bytes) -> float:
@@ -158,6 +231,7 @@ async def run(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     frames = metric(stack.ports.forwarder_metrics, "skillgate_forwarder_stream_frames_total") - frames0
     if any(g.text != d.text for g, d in zip(gate, direct, strict=True)):
         raise RuntimeError("skillgate delivered a different text than the stub sent")
+    stamps = await event_times(stack, {g.call_id for g in gate if g.call_id})
 
     def summary(values: Sequence[float]) -> dict[str, float]:
         return {"p50": round(pct(values, 0.5), 2), "p99": round(pct(values, 0.99), 2)}
@@ -179,6 +253,7 @@ async def run(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
         "delta_delay_ms": args.delay_ms,
         "ttfb_ms": {"direct": summary(ttfb_d), "skillgate": summary(ttfb_g)},
         "ttfb_overhead_ms": summary([g - d for g, d in zip(ttfb_g, ttfb_d, strict=True)]),
+        "ttfb_stages_ms": stage_split(gate, stamps),
         "ttft_ms": {"direct": summary(ttft_d), "skillgate": summary(ttft_g)},
         "per_chunk_overhead_ms": summary(per_chunk),
         "last_delta_overhead_ms": summary(last_over),
@@ -189,11 +264,34 @@ async def run(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def warm_up(stack: Stack, seconds: float) -> None:
+    """Non-streamed load through skillgate before anything is measured (see
+    :func:`bench.loadgen.warm_up_stack`); the stream path's own warm-up calls come after."""
+    body = json.dumps(
+        {"model": MODEL, "max_tokens": 1024, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+    headers = {
+        "content-type": "application/json",
+        "anthropic-version": "2023-06-01",
+        "x-api-key": stack.token("bench", ["eng"]),
+    }
+    print(f"warming the stack up for {seconds:g} s (not counted) ...", end=" ", flush=True)
+    warm = warm_up_stack(Target("skillgate", f"{stack.ingress_url}/v1/messages", headers), body, seconds)
+    print(f"{warm.successes} calls, {sum(warm.errors.values())} errors", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Start a stack, measure, print and save the numbers."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--calls", type=int, default=100, help="streamed calls per path")
     parser.add_argument("--warmup", type=int, default=10, help="calls per path before measuring")
+    parser.add_argument(
+        "--stack-warmup",
+        type=float,
+        default=20.0,
+        help="seconds of non-streamed load (8 connections) through skillgate after the stack "
+        "starts, not counted: Kafka's broker is slow until the JVM has compiled it (0 skips it)",
+    )
     parser.add_argument(
         "--deltas", type=int, default=64, help="text deltas per streamed answer (8 chars each)"
     )
@@ -214,10 +312,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     stack = Stack(data_dir=data, ports=StackPorts.free(), extra_env=env)
     try:
         stack.start()
+        if args.stack_warmup > 0:
+            warm_up(stack, args.stack_warmup)
         result = asyncio.run(run(stack, args))
     finally:
         stack.stop()
     print(json.dumps(result, indent=2))
+    print("where the first byte's time goes (p50 / p99 ms, from the events' own time stamps):")
+    for stage, spread in result["ttfb_stages_ms"].items():
+        print(f"  {stage:45s} {spread['p50']:7.2f} / {spread['p99']:7.2f}")
     verdict = "met" if result["ttfb_overhead_ms"]["p50"] < 15.0 else "MISSED"
     print(f"TTFB overhead p50 {result['ttfb_overhead_ms']['p50']} ms (target < 15 ms: {verdict})")
     args.results_dir.mkdir(parents=True, exist_ok=True)

@@ -73,6 +73,7 @@ from skillgate.policy.detectors import DetectorError
 from skillgate.policy.distribution import BundleWatcher
 from skillgate.policy.grants import Grants
 from skillgate.policy.masking import MaskingError
+from skillgate.policy.streaming import tail_for
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +203,29 @@ class ForwarderService:
         self._policies.put(bundle.label, policy)
         log.info(
             "policy bundle applied",
-            extra={"bundle": bundle.label, "tool_rules": len(bundle.tool_rules)},
+            extra={
+                "bundle": bundle.label,
+                "tool_rules": len(bundle.tool_rules),
+                "stream_tails_ms": self._warm_stream_tails(policy),
+            },
         )
+
+    def _warm_stream_tails(self, policy: ResponsePolicy) -> float:
+        """Compile the streaming hold-back of the bundle's likely type sets now (ms taken).
+
+        Otherwise the first streamed call needing a set compiles it on the event loop, stalling
+        every call in flight (70 ms for the default bundle's secrets; the compile holds the GIL,
+        so a thread would not help). A set that fails here fails the same way in the call, which
+        handles it; the bundle still applies.
+        """
+        started = time.perf_counter()
+        detectors = policy.masker.detectors
+        for types in policy.likely_stream_types():
+            try:
+                tail_for(detectors, detectors.types_for(None, types), self.settings.stream_holdback_chars)
+            except (DetectorError, ValueError) as exc:
+                log.warning("streaming hold-back not compiled ahead", extra={"error": str(exc)})
+        return round((time.perf_counter() - started) * 1000, 1)
 
     async def start(self) -> None:
         """Start Kafka clients and join the group."""

@@ -44,7 +44,7 @@ import orjson
 from services.forwarder.approvals import ToolApprovals
 from skillgate.errors import new_request_id
 from skillgate.events import BlockedTool, MaskedValue
-from skillgate.policy.bundle import Bundle, CompiledToolRule
+from skillgate.policy.bundle import Bundle, CompiledToolRule, Rule
 from skillgate.policy.masking import Masker
 
 __all__ = [
@@ -88,6 +88,24 @@ class ResponsePolicy:
     def active(self, mask_upstream: Collection[str], mask_record: Collection[str]) -> bool:
         """Whether a response would be checked at all (tool rules, or types to mask)."""
         return bool(self.bundle.tool_rules or mask_upstream or mask_record)
+
+    def likely_stream_types(self) -> list[frozenset[str]]:
+        """The sets of types a streamed answer is most likely masked with under this bundle:
+        each rule's that masks responses upstream, and all of theirs together (a call every such
+        rule matched). A call matching another combination compiles its own set when it starts."""
+        own = [r.mask_types for r in self.bundle.rules if _masks_responses_upstream(r.rule)]
+        union = frozenset().union(*own)
+        return list(dict.fromkeys([*own, union] if union else own))
+
+
+def _masks_responses_upstream(rule: Rule) -> bool:
+    mask = rule.mask
+    return (
+        rule.action == "mask"
+        and mask is not None
+        and "response" in mask.direction
+        and mask.scope == "upstream"
+    )
 
 
 @dataclass(frozen=True, slots=True)

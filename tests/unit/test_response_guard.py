@@ -42,6 +42,7 @@ from skillgate.events import (
 )
 from skillgate.policy.bundle import DEFAULT_BUNDLE, Bundle, load_bundle, parse_bundle
 from skillgate.policy.detectors import PII_TYPES, SECRET_TYPES, DetectorError
+from skillgate.policy.streaming import StreamTextMasker, live_tail
 
 KEY = b"k" * 32
 EMAIL = "ada.lovelace@example.org"
@@ -539,3 +540,51 @@ async def test_decisions_are_checked_with_the_bundle_version_they_name(data_dir:
     assert newer is not None and newer.label == "guard-test@1"
     assert service.policy_for(decided(bundle_version=default.label)) is default
     assert service.policy_for(decided(bundle_version="unknown@9")) is newer  # the current one
+
+
+async def test_the_streaming_hold_back_is_compiled_when_the_bundle_is_applied(data_dir: Path) -> None:
+    """The first streamed call must not compile the hold-back automaton on the event loop."""
+    live_tail.cache_clear()
+    service = ForwarderService(ForwarderSettings(), KafkaSettings(bootstrap="127.0.0.1:1"))
+    await service.producer.stop()
+    await service.consumer.stop()
+    await service.upstreams.close()
+    policy = service.response_policy
+    assert policy is not None
+    likely = policy.likely_stream_types()
+    # The default bundle masks secrets and PII in answers: each rule's set, and both together.
+    assert frozenset(SECRET_TYPES) | frozenset(PII_TYPES) in likely and len(likely) == 3
+    detectors = policy.masker.detectors
+    compiled = live_tail.cache_info().misses
+    for types in likely:
+        masker = StreamTextMasker(
+            policy.masker.session(),
+            detectors,
+            detectors.types_for(None, types),
+            cap=service.settings.stream_holdback_chars,
+        )
+        assert masker.feed("nothing secret here ") != ""
+    assert live_tail.cache_info().misses == compiled
+
+
+def test_likely_stream_types_are_those_of_rules_masking_answers_upstream() -> None:
+    bundle = parse_bundle(
+        """
+name: stream-types
+version: "1"
+default_action: allow
+rules:
+  - id: keys-in-answers
+    action: mask
+    mask: {direction: [response], scope: upstream, entities: [AWS_ACCESS_KEY]}
+  - id: emails-in-records
+    action: mask
+    mask: {direction: [response], scope: record, entities: [EMAIL]}
+  - id: prompts-only
+    action: mask
+    mask: {direction: [request], scope: upstream, entities: [pii]}
+""",
+        "stream-types.yaml",
+    )
+    policy = ResponsePolicy.build(bundle, b"k" * 32)
+    assert policy.likely_stream_types() == [frozenset({"AWS_ACCESS_KEY"})]

@@ -61,6 +61,11 @@ from skillgate.kafka import make_consumer
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODEL = "claude-sonnet-4-5"
+#: The non-streamed call of the control and of the stack warm-up.
+PLAIN_BODY = json.dumps(
+    {"model": MODEL, "max_tokens": 1024, "messages": [{"role": "user", "content": "hi"}]}
+).encode()
+HEADERS = {"content-type": "application/json", "anthropic-version": "2023-06-01"}
 
 
 @dataclass
@@ -199,8 +204,7 @@ async def run(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
         {"model": MODEL, "max_tokens": 1024, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     ).encode()
     common = {
-        "content-type": "application/json",
-        "anthropic-version": "2023-06-01",
+        **HEADERS,
         "x-stub-reply-text": text,
         "x-stub-chunk-delay-ms": str(args.delay_ms),
     }
@@ -210,9 +214,6 @@ async def run(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=4, max_keepalive_connections=4)
     chunks0 = metric(stack.ports.forwarder_metrics, "skillgate_forwarder_stream_chunks_total")
     frames0 = metric(stack.ports.forwarder_metrics, "skillgate_forwarder_stream_frames_total")
-    plain = json.dumps(
-        {"model": MODEL, "max_tokens": 1024, "messages": [{"role": "user", "content": "hi"}]}
-    ).encode()
     direct: list[Timing] = []
     gate: list[Timing] = []
     control: list[float] = []
@@ -225,8 +226,8 @@ async def run(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(args.calls):
             direct.append(await stream_once(client, direct_url, direct_h, body))
             gate.append(await stream_once(client, gate_url, gate_h, body))
-            d = await call_once(client, direct_url, direct_h, plain)
-            control.append(await call_once(client, gate_url, gate_h, plain) - d)
+            d = await call_once(client, direct_url, direct_h, PLAIN_BODY)
+            control.append(await call_once(client, gate_url, gate_h, PLAIN_BODY) - d)
     chunks = metric(stack.ports.forwarder_metrics, "skillgate_forwarder_stream_chunks_total") - chunks0
     frames = metric(stack.ports.forwarder_metrics, "skillgate_forwarder_stream_frames_total") - frames0
     if any(g.text != d.text for g, d in zip(gate, direct, strict=True)):
@@ -267,16 +268,11 @@ async def run(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
 def warm_up(stack: Stack, seconds: float) -> None:
     """Non-streamed load through skillgate before anything is measured (see
     :func:`bench.loadgen.warm_up_stack`); the stream path's own warm-up calls come after."""
-    body = json.dumps(
-        {"model": MODEL, "max_tokens": 1024, "messages": [{"role": "user", "content": "hi"}]}
-    ).encode()
-    headers = {
-        "content-type": "application/json",
-        "anthropic-version": "2023-06-01",
-        "x-api-key": stack.token("bench", ["eng"]),
-    }
+    headers = {**HEADERS, "x-api-key": stack.token("bench", ["eng"])}
     print(f"warming the stack up for {seconds:g} s (not counted) ...", end=" ", flush=True)
-    warm = warm_up_stack(Target("skillgate", f"{stack.ingress_url}/v1/messages", headers), body, seconds)
+    warm = warm_up_stack(
+        Target("skillgate", f"{stack.ingress_url}/v1/messages", headers), PLAIN_BODY, seconds
+    )
     print(f"{warm.successes} calls, {sum(warm.errors.values())} errors", flush=True)
 
 

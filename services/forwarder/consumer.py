@@ -215,16 +215,11 @@ class ForwarderService:
 
         Otherwise the first streamed call needing a set compiles it on the event loop, stalling
         every call in flight (70 ms for the default bundle's secrets; the compile holds the GIL,
-        so a thread would not help). A set that fails here fails the same way in the call, which
-        handles it; the bundle still applies.
+        so a thread would not help). The sets were resolved and checked when the bundle loaded.
         """
         started = time.perf_counter()
-        detectors = policy.masker.detectors
         for types in policy.likely_stream_types():
-            try:
-                tail_for(detectors, detectors.types_for(None, types), self.settings.stream_holdback_chars)
-            except (DetectorError, ValueError) as exc:
-                log.warning("streaming hold-back not compiled ahead", extra={"error": str(exc)})
+            tail_for(policy.masker.detectors, types, self.settings.stream_holdback_chars)
         return round((time.perf_counter() - started) * 1000, 1)
 
     async def start(self) -> None:

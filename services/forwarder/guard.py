@@ -44,7 +44,7 @@ import orjson
 from services.forwarder.approvals import ToolApprovals
 from skillgate.errors import new_request_id
 from skillgate.events import BlockedTool, MaskedValue
-from skillgate.policy.bundle import Bundle, CompiledToolRule, Rule
+from skillgate.policy.bundle import Bundle, CompiledToolRule
 from skillgate.policy.masking import Masker
 
 __all__ = [
@@ -93,19 +93,9 @@ class ResponsePolicy:
         """The sets of types a streamed answer is most likely masked with under this bundle:
         each rule's that masks responses upstream, and all of theirs together (a call every such
         rule matched). A call matching another combination compiles its own set when it starts."""
-        own = [r.mask_types for r in self.bundle.rules if _masks_responses_upstream(r.rule)]
+        own = [r.mask_types for r in self.bundle.rules if r.rule.masks("response", "upstream")]
         union = frozenset().union(*own)
         return list(dict.fromkeys([*own, union] if union else own))
-
-
-def _masks_responses_upstream(rule: Rule) -> bool:
-    mask = rule.mask
-    return (
-        rule.action == "mask"
-        and mask is not None
-        and "response" in mask.direction
-        and mask.scope == "upstream"
-    )
 
 
 @dataclass(frozen=True, slots=True)

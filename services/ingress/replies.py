@@ -17,10 +17,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Iterable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 from prometheus_client import Counter
 
@@ -29,7 +28,7 @@ from skillgate.codec import CodecError, default_codec
 from skillgate.config import KafkaSettings
 from skillgate.errors import GatewayError
 from skillgate.events import CALL_REPLY, CallReply, ReplyTo
-from skillgate.kafka import make_consumer, stop_reader
+from skillgate.kafka import RebalanceRelay, make_consumer, stop_reader
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +68,6 @@ class Waiter:
         return get.result() if get.done() and not get.cancelled() else None
 
 
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, router: ReplyRouter) -> None:
-        self._router = router
-
-    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        self._router._revoke({tp.partition for tp in revoked})
-
-    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        self._router._assign({tp.partition for tp in assigned})
-
-
 class ReplyRouter:
     """Owns this replica's share of the replies topic and dispatches answers to waiters."""
 
@@ -96,14 +84,18 @@ class ReplyRouter:
         self._consumer: AIOKafkaConsumer | None = None
         self._task: asyncio.Task[None] | None = None
 
-    def _assign(self, partitions: set[int]) -> None:
+    async def on_assigned(self, assigned: list[TopicPartition]) -> None:
+        """Reply partitions given to this replica: new calls may name them."""
+        partitions = {tp.partition for tp in assigned}
         self._owned = sorted(set(self._owned) | partitions)
         self._cycle = itertools.cycle(self._owned) if self._owned else None
         if self._owned:
             self._assigned.set()
         log.info("reply partitions assigned", extra={"partitions": self._owned})
 
-    def _revoke(self, partitions: set[int]) -> None:
+    async def on_revoked(self, revoked: list[TopicPartition]) -> None:
+        """Reply partitions taken away: the calls waiting on them are orphaned."""
+        partitions = {tp.partition for tp in revoked}
         self._owned = [p for p in self._owned if p not in partitions]
         self._cycle = itertools.cycle(self._owned) if self._owned else None
         if not self._owned:
@@ -121,7 +113,7 @@ class ReplyRouter:
             fetch_max_wait_ms=50,
         )
         await self._consumer.start()
-        self._consumer.subscribe([self._topic], listener=_Listener(self))
+        self._consumer.subscribe([self._topic], listener=RebalanceRelay(self))
         self._task = asyncio.create_task(self._run(), name="reply-router")
         await asyncio.wait_for(self._assigned.wait(), wait_seconds)
 

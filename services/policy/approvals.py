@@ -180,8 +180,8 @@ class ExpiryIndex:
 
     def __init__(self, rescan_seconds: float = 10.0) -> None:
         self.rescan_seconds = rescan_seconds
-        self._deadlines: dict[bytes, tuple[str, int]] = {}  # key -> (approval id, expires at)
-        self._asked: dict[str, int] = {}  # approval id -> when its expiry was last asked for
+        # key -> (expires at, when its expiry was last asked for; 0: never)
+        self._deadlines: dict[bytes, tuple[int, int]] = {}
         self._built_at: float | None = None
 
     def __len__(self) -> int:
@@ -193,7 +193,7 @@ class ExpiryIndex:
 
     def rebuild(self, items: Iterable[tuple[bytes, bytes]], monotonic_now: float) -> None:
         """Index every pending approval of ``items`` (the table's key/value pairs)."""
-        deadlines: dict[bytes, tuple[str, int]] = {}
+        deadlines: dict[bytes, tuple[int, int]] = {}
         for key, raw in items:
             try:
                 state = ApprovalState.loads(raw)
@@ -201,39 +201,38 @@ class ExpiryIndex:
                 log.exception("unreadable pending approval skipped", extra={"key": repr(key)[:80]})
                 continue
             if state.outcome is None:
-                deadlines[key] = (state.requested["approval_id"], int(state.requested["expires_at"]))
+                deadlines[key] = (int(state.requested["expires_at"]), self._asked_at(key))
         self._deadlines = deadlines
-        ids = {approval_id for approval_id, _ in deadlines.values()}
-        self._asked = {a: t for a, t in self._asked.items() if a in ids}
         self._built_at = monotonic_now
 
     def track(self, key: bytes, state: ApprovalState) -> None:
         """Follow a state the worker just wrote: indexed while pending, dropped once ended."""
-        approval_id = state.requested["approval_id"]
         if state.outcome is None:
-            self._deadlines[key] = (approval_id, int(state.requested["expires_at"]))
+            self._deadlines[key] = (int(state.requested["expires_at"]), self._asked_at(key))
         else:
             self.forget(key)
 
     def forget(self, key: bytes) -> None:
         """Stop following ``key`` (ended, or no longer held by this worker)."""
-        entry = self._deadlines.pop(key, None)
-        if entry is not None:
-            self._asked.pop(entry[0], None)
+        self._deadlines.pop(key, None)
 
     def due(self, now: int) -> list[bytes]:
         """Keys past their deadline whose expiry was not asked for in the last 30 s."""
         return [
             key
-            for key, (approval_id, expires_at) in self._deadlines.items()
-            if now >= expires_at and now - self._asked.get(approval_id, 0) >= EXPIRY_RETRY_MICROS
+            for key, (expires_at, asked_at) in self._deadlines.items()
+            if now >= expires_at and now - asked_at >= EXPIRY_RETRY_MICROS
         ]
 
     def asked(self, key: bytes, now: int) -> None:
         """Note that the expiry of ``key`` was asked for at ``now``."""
         entry = self._deadlines.get(key)
         if entry is not None:
-            self._asked[entry[0]] = now
+            self._deadlines[key] = (entry[0], now)
+
+    def _asked_at(self, key: bytes) -> int:
+        entry = self._deadlines.get(key)
+        return entry[1] if entry is not None else 0
 
 
 @dataclass(frozen=True)

@@ -550,12 +550,9 @@ class AuditStore:
                 return total
             after = ids[-1]
             folds = self._read_folds(client, ids)
-            batch = PreparedBatch(InsertStats(), self._generation)
-            batch.call_records = self._record_rows(client, folds, None, batch)
-            if batch.call_records:
-                self._writer.insert_rows(
-                    f"{db}.call_records", batch.call_records, records.CALL_RECORD_COLUMNS
-                )
+            rows, _ = self._record_rows(client, folds, None)
+            if rows:
+                self._writer.insert_rows(f"{db}.call_records", rows, records.CALL_RECORD_COLUMNS)
             total += len(folds)
 
     def _statements_function(self, migrations: Sequence[Migration]) -> Callable[[Migration], list[str]]:
@@ -762,23 +759,22 @@ class AuditStore:
                     fold.add(cold_part)
                 changed.append(fold)
                 prepared.folds[call_id] = fold
-        prepared.call_records = self._record_rows(client, changed, after, prepared)
+        prepared.call_records, conversations = self._record_rows(client, changed, after)
+        prepared.conversations.update(conversations)
 
     def _record_rows(
         self,
         client: Client,
         changed: Sequence[records.CallFold],
         after: PreparedBatch | None,
-        prepared: PreparedBatch,
-    ) -> list[list[Any]]:
-        """The ``call_records`` rows of ``changed`` (sessions resolved, ``counted`` set).
-
-        The conversations they start are kept in ``prepared`` (like the folds, see
-        :meth:`_fold_calls`), for the caches once the rows are written and for the batch
-        prepared next.
-        """
+    ) -> tuple[list[list[Any]], dict[str, str]]:
+        """The ``call_records`` rows of ``changed`` (sessions resolved, ``counted`` set), and the
+        conversations they start with their sessions (kept with the batch like the folds, see
+        :meth:`_fold_calls`: for the caches once the rows are written and for the batch
+        prepared next)."""
+        conversations: dict[str, str] = {}
         if not changed:
-            return []
+            return [], conversations
         hashes = [fold.hashes() for fold in changed]
         sessions = records.resolve_sessions(
             [{"call_id": f.call_id, "session_id": f.session_id} for f in changed],
@@ -797,8 +793,8 @@ class AuditStore:
             out.append(records.record_row(fold, session, counted, version))
             fold.recorded_terminal = fold.recorded_terminal or fold.terminal_state
             if fact.conversation_hash:
-                prepared.conversations[fact.conversation_hash] = session[0]
-        return out
+                conversations[fact.conversation_hash] = session[0]
+        return out, conversations
 
     def _read_folds(self, client: Client, call_ids: Sequence[str]) -> list[records.CallFold]:
         """Folds of ``call_ids`` from ``call_parts``, and whether each has a terminal version."""
@@ -825,7 +821,7 @@ class AuditStore:
         return folds
 
     def _known_conversations(
-        self, client: Client, parents: set[str], after: PreparedBatch | None = None
+        self, client: Client, parents: set[str], after: PreparedBatch | None
     ) -> dict[str, str]:
         """Sessions of the earlier conversations ``parents`` name.
 

@@ -164,6 +164,14 @@ class Rule(_Strict):
     route: str | None = Field(None, description="Upstream connection for `route`.")
     tags: list[str] = Field(default_factory=list)
 
+    def masks(self, direction: str, scope: str) -> bool:
+        """Whether this is a mask rule for ``direction`` (``request``/``response``) at ``scope``
+        (``upstream``/``record``), whatever it matches."""
+        mask = self.mask
+        return (
+            self.action == "mask" and mask is not None and direction in mask.direction and mask.scope == scope
+        )
+
     @model_validator(mode="after")
     def _settings_for_action(self) -> Rule:
         needs = {"mask": "mask", "rate_limit": "rate_limit", "route": "route"}

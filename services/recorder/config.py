@@ -124,10 +124,11 @@ class RecorderSettings(BaseSettings):
     batch_early_events: int = Field(
         default=250,
         ge=1,
-        description="A batch holding at least this many events is inserted already "
-        "batch_early_seconds after its oldest event was produced. Under that, waiting up to "
-        "batch_max_seconds is cheaper: an insert costs about the same CPU whatever its size, "
-        "and at low traffic frequent tiny inserts take CPU the gateway's own path needs.",
+        description="A batch holding at least this many events to store (streamed chunks and "
+        "tombstones do not count) is inserted already batch_early_seconds after its oldest "
+        "event was produced. Under that, waiting up to batch_max_seconds is cheaper: an insert "
+        "costs about the same CPU whatever its size, and at low traffic frequent tiny inserts "
+        "take CPU the gateway's own path needs. Above batch_max_events it never applies.",
     )
     batch_early_seconds: float = Field(
         default=0.25,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -112,6 +113,11 @@ def _is_chunk(message: Message) -> bool:
     return (topics.KIND_HEADER, topics.CHUNK_KIND) in (message.headers or ())
 
 
+def _stored(message: Message) -> bool:
+    """Whether a message becomes a stored event (not a chunk, not a tombstone)."""
+    return message.value is not None and not _is_chunk(message)
+
+
 class RecorderConsumer:
     """Consumes every skillgate topic and writes it to the audit store."""
 
@@ -142,8 +148,8 @@ class RecorderConsumer:
         self._producer = make_producer(self._kafka)
         await self._producer.start()
         self._deadletterer = DeadLetterer(self._producer, self._kafka, SERVICE, self._codec)
-        # The recorder inserts in batches anyway, so let the broker accumulate data for up to a
-        # batch interval instead of answering a fetch per message: at low rates one fetch per
+        # The recorder inserts in batches anyway, so let the broker accumulate data for up to the
+        # early batch window instead of answering a fetch per message: at low rates one fetch per
         # message across every partition of every topic cost more CPU (here and in the broker)
         # than the inserts.
         self._consumer = make_consumer(
@@ -235,21 +241,25 @@ class RecorderConsumer:
         batch: list[Message] = self._carry
         self._carry = []
         produced: float | None = self._produced(batch, time.monotonic()) if batch else None
-        # Streamed chunks are consumed but not stored: they count toward the batch's size limit
-        # (memory) but not toward making it worth an early insert.
-        events = sum(1 for message in batch if not _is_chunk(message))
+        # Streamed chunks and tombstones are consumed but not stored: they count toward the
+        # batch's size limit (memory) but not toward making it worth an early insert.
+        events = sum(1 for message in batch if _stored(message))
         limit = self._settings.batch_max_events
         while True:
+            if len(batch) >= limit:
+                return batch  # a carried-over batch may already be full
             wait = IDLE_POLL_SECONDS if produced is None else self._due(produced, events) - time.monotonic()
             fetched = await consumer.getmany(
-                timeout_ms=max(0, int(wait * 1000)), max_records=limit - len(batch)
+                # Rounded up: rounding down would poll without waiting in the last millisecond.
+                timeout_ms=max(0, math.ceil(wait * 1000)),
+                max_records=limit - len(batch),
             )
             now = time.monotonic()
             for messages in fetched.values():
                 if messages:
                     oldest = self._produced(messages, now)
                     produced = oldest if produced is None else min(produced, oldest)
-                    events += sum(1 for message in messages if not _is_chunk(message))
+                    events += sum(1 for message in messages if _stored(message))
                     batch.extend(messages)
             if not batch:
                 return batch  # idle: let run() check for a stop request
@@ -280,10 +290,10 @@ class RecorderConsumer:
     def _produced(self, messages: Sequence[Message], now: float) -> float:
         """When the oldest of ``messages`` was produced, on the monotonic clock, from its Kafka
         timestamp; never later than ``now`` (a producer clock ahead of ours), never earlier than
-        one ``batch_max_seconds`` before it (so no batch is due before it was read). A message
-        without a timestamp (``-1``) counts as produced now.
+        one ``batch_max_seconds`` before it (so no batch is due before it was read). Messages
+        without a timestamp (``-1``) are left out; when none has one, they count as produced now.
         """
-        oldest_ms = min(m.timestamp for m in messages)
+        oldest_ms = min((m.timestamp for m in messages if m.timestamp > 0), default=0)
         age = time.time() - oldest_ms / 1000 if oldest_ms > 0 else 0.0
         return now - min(self._settings.batch_max_seconds, max(0.0, age))
 

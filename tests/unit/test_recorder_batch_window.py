@@ -26,20 +26,25 @@ class _Message:
     offset: int
     timestamp: int  # ms since the epoch, like Kafka's CreateTime
     headers: tuple[tuple[str, bytes], ...] = ()
+    value: bytes | None = b"event"
 
 
 class _Fetcher:
-    """Returns the scripted fetches in order, then nothing; records each call's timeout."""
+    """Returns the scripted fetches in order, then nothing after a short wait; records each
+    call's timeout and refuses the arguments aiokafka refuses."""
 
     def __init__(self, *fetches: list[_Message]) -> None:
         self.fetches = deque(fetches)
         self.timeouts: list[int] = []
 
     async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, list[_Message]]:
+        assert timeout_ms >= 0
+        assert max_records is None or max_records >= 1  # aiokafka raises ValueError otherwise
         self.timeouts.append(timeout_ms)
         if self.fetches:
             return {("t", 0): self.fetches.popleft()}
-        await asyncio.sleep(0)  # an empty fetch returns at once here: the loop must not spin on it
+        # Nothing to fetch: wait a little of the timeout, as the broker would hold the fetch.
+        await asyncio.sleep(min(timeout_ms, 10) / 1000)
         return {}
 
 
@@ -47,10 +52,13 @@ EARLY = WINDOW / 5
 EARLY_EVENTS = 3
 
 
-def _consumer(fetcher: _Fetcher, window: float = WINDOW) -> consumer.RecorderConsumer:
+def _consumer(fetcher: _Fetcher, window: float = WINDOW, max_events: int = 5000) -> consumer.RecorderConsumer:
     c = consumer.RecorderConsumer.__new__(consumer.RecorderConsumer)
     c._settings = RecorderSettings(
-        batch_max_seconds=window, batch_early_seconds=EARLY, batch_early_events=EARLY_EVENTS
+        batch_max_seconds=window,
+        batch_early_seconds=EARLY,
+        batch_early_events=EARLY_EVENTS,
+        batch_max_events=max_events,
     )
     c._consumer = fetcher
     c._carry = []
@@ -79,7 +87,7 @@ async def _still_collecting(*fetches: list[_Message]) -> tuple[int, int]:
     task = asyncio.ensure_future(c._collect())
     deadline = time.monotonic() + WINDOW / 2
     while len(fetcher.timeouts) < 3 and time.monotonic() < deadline:
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.001)
     assert not task.done()
     c._stopping.set()
     return fetcher.timeouts[1], len(await asyncio.wait_for(task, timeout=WINDOW))
@@ -99,15 +107,28 @@ async def test_a_busy_batch_is_due_early() -> None:
     assert [m.offset for m in batch] == [0, 1, 2]
 
 
-@pytest.mark.parametrize("chunks", [0, EARLY_EVENTS * 2])
-async def test_a_small_batch_waits_past_the_early_window(chunks: int) -> None:
-    # Streamed chunks are not stored: however many come along, they do not make a batch busy.
-    waited_ms, held = await _still_collecting(
-        [_at(EARLY + 0.5, 0)] + [_at(EARLY + 0.5, n, chunk=True) for n in range(1, chunks + 1)]
-    )
+def _tombstone(offset: int) -> _Message:
+    return _Message(offset, int(time.time() * 1000), value=None)
+
+
+@pytest.mark.parametrize("unstored", [0, EARLY_EVENTS * 2])
+async def test_a_small_batch_waits_past_the_early_window(unstored: int) -> None:
+    # Streamed chunks and tombstones are not stored: however many come along, they do not make
+    # a batch busy.
+    extra = [_at(EARLY + 0.5, n, chunk=True) if n % 2 else _tombstone(n) for n in range(1, unstored + 1)]
+    waited_ms, held = await _still_collecting([_at(EARLY + 0.5, 0), *extra])
     # It waits for what is left of the full window, not of the early one.
     assert (WINDOW - EARLY - 0.5) * 1000 * 0.8 < waited_ms <= (WINDOW - EARLY) * 1000
-    assert held == 1 + chunks
+    assert held == 1 + unstored
+
+
+async def test_a_full_carried_over_batch_is_returned_without_fetching() -> None:
+    fetcher = _Fetcher()
+    c = _consumer(fetcher, max_events=4)
+    c._carry = [_at(0.0, n) for n in range(4)]
+    batch = await asyncio.wait_for(c._collect(), timeout=WINDOW / 2)
+    assert [m.offset for m in batch] == [0, 1, 2, 3]
+    assert fetcher.timeouts == []
 
 
 @pytest.mark.parametrize(
@@ -128,10 +149,15 @@ def test_due_counts_from_production(produced_ago: float, size: int, expected_lef
     assert left == pytest.approx(expected_left, abs=0.05)
 
 
-def test_the_oldest_message_counts_and_missing_timestamps_count_as_now() -> None:
+def test_the_oldest_message_counts_and_missing_timestamps_do_not() -> None:
     c = _consumer(_Fetcher())
     now = time.monotonic()
     assert c._produced([_at(0.0, 0), _at(WINDOW, 1)], now) == pytest.approx(now - WINDOW, abs=0.05)
+    # A message without a timestamp does not hide an older one beside it ...
+    assert c._produced([_Message(0, -1), _at(WINDOW / 2, 1)], now) == pytest.approx(
+        now - WINDOW / 2, abs=0.05
+    )
+    # ... and alone counts as produced now.
     assert c._produced([_Message(0, -1)], now) == pytest.approx(now, abs=0.05)
 
 

@@ -164,11 +164,7 @@ def stage_split(timings: Sequence[Timing], stamps: dict[str, dict[str, int]]) ->
         at = {**marks, "sent": t.sent_us, "first_byte": t.sent_us + int(t.ttfb_ms * 1000)}
         for name, start, end in STAGES:
             columns[name].append((at[end] - at[start]) / 1000.0)
-    return {
-        name: {"p50": round(pct(values, 0.5), 2), "p99": round(pct(values, 0.99), 2), "calls": len(values)}
-        for name, values in columns.items()
-        if values
-    }
+    return {name: summary(values) | {"calls": len(values)} for name, values in columns.items() if values}
 
 
 async def call_once(client: httpx.AsyncClient, url: str, headers: dict[str, str], body: bytes) -> float:
@@ -178,6 +174,11 @@ async def call_once(client: httpx.AsyncClient, url: str, headers: dict[str, str]
     if resp.status_code != 200:
         raise RuntimeError(f"{url}: {resp.status_code} {resp.text[:300]}")
     return (time.perf_counter() - t0) * 1000.0
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """p50 and p99 of ``values`` (ms, rounded to 0.01)."""
+    return {"p50": round(pct(values, 0.5), 2), "p99": round(pct(values, 0.99), 2)}
 
 
 def pct(values: Sequence[float], q: float) -> float:
@@ -233,9 +234,6 @@ async def run(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     if any(g.text != d.text for g, d in zip(gate, direct, strict=True)):
         raise RuntimeError("skillgate delivered a different text than the stub sent")
     stamps = await event_times(stack, {g.call_id for g in gate if g.call_id})
-
-    def summary(values: Sequence[float]) -> dict[str, float]:
-        return {"p50": round(pct(values, 0.5), 2), "p99": round(pct(values, 0.99), 2)}
 
     ttfb_d, ttfb_g = [t.ttfb_ms for t in direct], [t.ttfb_ms for t in gate]
     ttft_d = [t.ttft_ms for t in direct if t.ttft_ms is not None]

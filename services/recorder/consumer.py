@@ -3,11 +3,11 @@
 The model is Sentry's arroyo/snuba consumers: accumulate messages until ``batch_max_events``,
 or until the oldest is ``batch_max_seconds`` old (``batch_early_seconds`` once the batch holds
 ``batch_early_events`` events to store, see :meth:`RecorderConsumer._due`), insert the batch in
-one statement per table, and only then commit the offsets (DESIGN.md invariant 5: nothing acknowledged is lost). Inserts are
-idempotent on the event id, so the at-least-once redelivery that follows a crash between insert
-and commit never duplicates a record. Like arroyo's pipelined steps, the next batch is decoded and
-prepared while the previous one is being written; offsets are still committed in order, each
-after its own write.
+one statement per table, and only then commit the offsets (DESIGN.md invariant 5: nothing
+acknowledged is lost). Inserts are idempotent on the event id, so the at-least-once redelivery
+that follows a crash between insert and commit never duplicates a record. Like arroyo's pipelined
+steps, the next batch is decoded and prepared while the previous one is being written; offsets
+are still committed in order, each after its own write.
 
 * A value that is not a skillgate event (``CodecError``), or one the recorder cannot turn into
   rows, goes to the dead-letter topic with the reason; the offset is committed past it, so it
@@ -114,7 +114,8 @@ def _is_chunk(message: Message) -> bool:
 
 
 def _stored(message: Message) -> bool:
-    """Whether a message becomes a stored event (not a chunk, not a tombstone)."""
+    """Whether a message becomes a stored event: not a tombstone on a compacted topic (no event),
+    not a chunk of a streamed answer (CallCompleted records the whole message)."""
     return message.value is not None and not _is_chunk(message)
 
 
@@ -371,10 +372,8 @@ class RecorderConsumer:
         for message in batch:
             suffix = self._suffix.get(message.topic, "")
             consumed[suffix] = consumed.get(suffix, 0) + 1
-            if message.value is None:
-                continue  # a tombstone on a compacted topic: no event to record
-            if _is_chunk(message):
-                continue  # a chunk of a streamed answer: CallCompleted records the whole message
+            if not _stored(message):
+                continue  # a tombstone (compacted topic) or a streamed chunk: nothing to record
             try:
                 name, event = self._codec.decode(message.value, topics.EVENT_OF_TOPIC.get(suffix))
             except CodecError as exc:

@@ -83,8 +83,10 @@ LAST_LAG = Gauge(
     "Record lag of the newest event of the last inserted batch",
 )
 
-#: Idle wait of one poll: how quickly a stop request is noticed when nothing arrives.
+#: Idle wait of one poll (a stop request ends it at once, see ``RecorderConsumer._fetch``).
 IDLE_POLL_SECONDS = 0.5
+#: Longest the broker may hold one of the recorder's fetches waiting for more data.
+MAX_FETCH_WAIT_MS = 1000
 #: Insert attempts still made once a stop is requested, before giving up without committing.
 STOP_ATTEMPTS = 3
 #: Errors that say the batch's data (not the store) is the problem: the batch is split to find
@@ -152,13 +154,15 @@ class RecorderConsumer:
         # The recorder inserts in batches anyway, so let the broker accumulate data for up to the
         # early batch window instead of answering a fetch per message: at low rates one fetch per
         # message across every partition of every topic cost more CPU (here and in the broker)
-        # than the inserts.
+        # than the inserts. Capped: the broker answers a connection's requests in order, so a held
+        # fetch delays this consumer's offset lookups, and one held past the request timeout
+        # (40 s) would be dropped with its connection.
         self._consumer = make_consumer(
             self._kafka,
             self._settings.group_id,
             *sorted(self._suffix),
             fetch_min_bytes=256 * 1024,
-            fetch_max_wait_ms=max(10, int(self._early_seconds * 1000)),
+            fetch_max_wait_ms=min(MAX_FETCH_WAIT_MS, max(10, int(self._early_seconds * 1000))),
         )
         try:
             await self._consumer.start()
@@ -250,11 +254,8 @@ class RecorderConsumer:
             if len(batch) >= limit:
                 return batch  # a carried-over batch may already be full
             wait = IDLE_POLL_SECONDS if produced is None else self._due(produced, events) - time.monotonic()
-            fetched = await consumer.getmany(
-                # Rounded up: rounding down would poll without waiting in the last millisecond.
-                timeout_ms=max(0, math.ceil(wait * 1000)),
-                max_records=limit - len(batch),
-            )
+            # Rounded up: rounding down would poll without waiting in the last millisecond.
+            fetched = await self._fetch(consumer, max(0, math.ceil(wait * 1000)), limit - len(batch))
             now = time.monotonic()
             for messages in fetched.values():
                 if messages:
@@ -267,6 +268,32 @@ class RecorderConsumer:
             assert produced is not None
             if len(batch) >= limit or now >= self._due(produced, events) or self._stopping.is_set():
                 return batch
+
+    async def _fetch(
+        self, consumer: AIOKafkaConsumer, timeout_ms: int, max_records: int
+    ) -> dict[TopicPartition, list[Message]]:
+        """``getmany``, cut short by a stop request: a shutdown does not wait out the batch
+        window (up to ``batch_max_seconds``) before the open batch is written and committed.
+
+        Cancelling ``getmany`` loses nothing: aiokafka hands records over without awaiting in
+        between, so a cancelled call has taken none from its buffer.
+        """
+        if self._stopping.is_set():
+            timeout_ms = 0
+        fetch: asyncio.Future[dict[TopicPartition, list[Message]]] = asyncio.ensure_future(
+            consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        )
+        if timeout_ms == 0:
+            return await fetch
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait((fetch, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not fetch.done():
+                fetch.cancel()
+                await asyncio.wait((fetch,))  # never raises: the caller's own cancellation still does
+        return {} if fetch.cancelled() else fetch.result()
 
     def _due(self, produced: float, size: int) -> float:
         """When a batch of ``size`` events to store, whose oldest message was produced at

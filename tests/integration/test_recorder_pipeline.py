@@ -267,6 +267,40 @@ async def test_records_calls_dead_letters_garbage_and_never_duplicates(
     assert _count(store, "SELECT count() FROM calls") == 2
 
 
+async def test_a_stop_writes_and_commits_the_open_batch_without_waiting_its_window(
+    store: AuditStore, kafka_settings: KafkaSettings, producer: AIOKafkaProducer
+) -> None:
+    call_id = ev.new_call_id()
+    await produce_call(producer, kafka_settings, call_id)
+    window = 600.0  # a stop that waited out the window would time this test out
+    settings = RecorderSettings(
+        group_id=f"stop-{uuid.uuid4().hex[:8]}", batch_max_seconds=window, batch_early_seconds=window
+    )
+    recorder = RecorderConsumer(store, kafka_settings, settings)
+    await recorder.start()
+    task = asyncio.create_task(recorder.run())
+    try:
+        reader = recorder._kafka_consumer
+
+        async def batch_open() -> bool:
+            # The recorder took every message from Kafka: they wait in its open batch.
+            assigned = list(reader.assignment())
+            ends = await reader.end_offsets(assigned) if assigned else {}
+            taken = [await reader.position(tp) >= end for tp, end in ends.items()]
+            return sum(ends.values()) >= 3 and all(taken)
+
+        await eventually(batch_open)
+        assert await call_row(store, call_id, "completed") is None  # not written before its window
+        recorder.request_stop()
+        await asyncio.wait_for(task, 30)
+    finally:
+        if not task.done():
+            task.cancel()
+        await recorder.close()
+    assert recorder.committed_messages == 3
+    assert await call_row(store, call_id, "completed") is not None
+
+
 async def test_store_outage_pauses_consumption_and_commits_nothing(
     store: AuditStore,
     kafka_settings: KafkaSettings,

@@ -33,9 +33,12 @@ class _Fetcher:
     """Returns the scripted fetches in order, then nothing after a short wait; records each
     call's timeout and refuses the arguments aiokafka refuses."""
 
-    def __init__(self, *fetches: list[_Message]) -> None:
+    def __init__(self, *fetches: list[_Message], hold: bool = False) -> None:
         self.fetches = deque(fetches)
         self.timeouts: list[int] = []
+        #: Hold an empty fetch for its whole timeout, as the broker does (else 10 ms at most).
+        self.hold = hold
+        self.cancelled = 0
 
     async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, list[_Message]]:
         assert timeout_ms >= 0
@@ -43,8 +46,12 @@ class _Fetcher:
         self.timeouts.append(timeout_ms)
         if self.fetches:
             return {("t", 0): self.fetches.popleft()}
-        # Nothing to fetch: wait a little of the timeout, as the broker would hold the fetch.
-        await asyncio.sleep(min(timeout_ms, 10) / 1000)
+        # Nothing to fetch: wait (part of) the timeout, as the broker would hold the fetch.
+        try:
+            await asyncio.sleep((timeout_ms if self.hold else min(timeout_ms, 10)) / 1000)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
         return {}
 
 
@@ -165,3 +172,20 @@ def test_the_early_window_never_exceeds_the_full_one() -> None:
     c = _consumer(_Fetcher(), window=EARLY / 2)
     now = time.monotonic()
     assert c._due(now, EARLY_EVENTS) == pytest.approx(now + EARLY / 2)
+
+
+@pytest.mark.parametrize("open_batch", [True, False])
+async def test_a_stop_request_ends_the_wait_for_more(open_batch: bool) -> None:
+    # The broker holds the fetch for the rest of the window (or the idle poll): a stop request
+    # ends it at once, and the open batch is returned to be written and committed.
+    fetcher = _Fetcher(*([[_at(0.0)]] if open_batch else []), hold=True)
+    c = _consumer(fetcher)
+    task = asyncio.ensure_future(c._collect())
+    deadline = time.monotonic() + WINDOW / 2
+    while len(fetcher.timeouts) < (2 if open_batch else 1) and time.monotonic() < deadline:
+        await asyncio.sleep(0.001)
+    assert not task.done()
+    c._stopping.set()
+    batch = await asyncio.wait_for(task, timeout=WINDOW / 2)
+    assert len(batch) == (1 if open_batch else 0)
+    assert fetcher.cancelled == 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections import deque
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
@@ -39,33 +40,62 @@ UNCLAIMED = Counter(
 
 
 class Waiter:
-    """Replies for one call: a queue (several chunks when streaming) and an orphan flag."""
+    """Replies for one call, in arrival order (several chunks when streaming), and an orphan flag.
 
-    __slots__ = ("call_id", "orphaned", "partition", "queue")
+    One future per wait, resolved by whichever comes first (a reply, the orphan signal, the
+    timeout, the caller leaving), rather than a queue and a task per wait: a streamed answer is
+    dozens of replies, and each task and wake-up the event loop schedules delays the first byte
+    and costs CPU on every chunk.
+    """
+
+    __slots__ = ("_wake", "call_id", "orphaned", "partition", "replies")
 
     def __init__(self, call_id: str, partition: int) -> None:
         self.call_id = call_id
         self.partition = partition
-        self.queue: asyncio.Queue[CallReply] = asyncio.Queue()
+        #: Replies not yet taken by :meth:`next`.
+        self.replies: deque[CallReply] = deque()
+        #: Set (through :meth:`orphan`) once the reply partition moved to another replica.
         self.orphaned = asyncio.Event()
+        self._wake: asyncio.Future[None] | None = None
+
+    def put(self, reply: CallReply) -> None:
+        """Hand a reply to the call (from the router) and wake its wait, if any."""
+        self.replies.append(reply)
+        self._resume()
+
+    def orphan(self) -> None:
+        """The reply partition moved away: a wait in progress ends now."""
+        self.orphaned.set()
+        self._resume()
+
+    def _resume(self, _: object = None) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
     async def next(self, within: float, gone: asyncio.Future[None] | None = None) -> CallReply | None:
         """The next reply; None after ``within`` seconds, once the reply partition moved away
-        (:attr:`orphaned`), or once ``gone`` completes (the caller left)."""
-        get = asyncio.ensure_future(self.queue.get())
-        orphan = asyncio.ensure_future(self.orphaned.wait())
-        try:
-            await asyncio.wait(
-                {get, orphan} if gone is None else {get, orphan, gone},
-                timeout=max(0.0, within),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            orphan.cancel()
-            if not get.done():
-                get.cancel()
-        # A reply taken off the queue is never dropped, even when something else ended the wait.
-        return get.result() if get.done() and not get.cancelled() else None
+        (:attr:`orphaned`), or once ``gone`` completes (the caller left). A reply that is
+        already there is returned first, whatever else happened."""
+        if (
+            not self.replies
+            and not self.orphaned.is_set()
+            and within > 0
+            and not (gone is not None and gone.done())
+        ):
+            loop = asyncio.get_running_loop()
+            self._wake = loop.create_future()
+            timer = loop.call_later(within, self._resume)
+            if gone is not None:
+                gone.add_done_callback(self._resume)
+            try:
+                await self._wake
+            finally:
+                self._wake = None
+                timer.cancel()
+                if gone is not None:
+                    gone.remove_done_callback(self._resume)
+        return self.replies.popleft() if self.replies else None
 
 
 class ReplyRouter:
@@ -102,7 +132,7 @@ class ReplyRouter:
             self._assigned.clear()
         for waiter in self._waiters.values():
             if waiter.partition in partitions:
-                waiter.orphaned.set()
+                waiter.orphan()
 
     async def start(self, wait_seconds: float = 60.0) -> None:
         """Join the group and wait until this replica owns at least one reply partition."""
@@ -176,4 +206,4 @@ class ReplyRouter:
             # recorded anyway (calls.completed / calls.failed).
             UNCLAIMED.inc()
             return
-        waiter.queue.put_nowait(reply)  # type: ignore[arg-type]
+        waiter.put(reply)  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ the replies meant for it, however many replicas run, and streamed chunks (ordere
 partition) follow the same path.
 
 When the group rebalances (a replica joins or leaves), a partition may move away while a caller
-waits on it. Those waiters are told (:meth:`Waiter.orphaned`) and fall back to polling the call's
+waits on it. Those waiters are told (:meth:`Waiter.orphan`) and fall back to polling the call's
 recorded state, so the answer is still delivered, only later.
 """
 
@@ -55,7 +55,8 @@ class Waiter:
         self.partition = partition
         #: Replies not yet taken by :meth:`next`.
         self.replies: deque[CallReply] = deque()
-        #: Set (through :meth:`orphan`) once the reply partition moved to another replica.
+        #: Set once the reply partition moved to another replica (set it with :meth:`orphan`,
+        #: which also ends a wait in progress).
         self.orphaned = asyncio.Event()
         self._wake: asyncio.Future[None] | None = None
 
@@ -69,14 +70,16 @@ class Waiter:
         self.orphaned.set()
         self._resume()
 
-    def _resume(self, _: object = None) -> None:
+    def _resume(self) -> None:
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
 
     async def next(self, within: float, gone: asyncio.Future[None] | None = None) -> CallReply | None:
         """The next reply; None after ``within`` seconds, once the reply partition moved away
         (:attr:`orphaned`), or once ``gone`` completes (the caller left). A reply that is
-        already there is returned first, whatever else happened."""
+        already there is returned first, whatever else happened. One wait at a time."""
+        if self._wake is not None:
+            raise RuntimeError(f"call {self.call_id} is already being waited for")
         if (
             not self.replies
             and not self.orphaned.is_set()
@@ -84,17 +87,24 @@ class Waiter:
             and not (gone is not None and gone.done())
         ):
             loop = asyncio.get_running_loop()
-            self._wake = loop.create_future()
-            timer = loop.call_later(within, self._resume)
+            wake = self._wake = loop.create_future()
+
+            # The timer and the caller leaving end this wait only: a callback already queued
+            # when this wait ends must not end the next one.
+            def resume(_: object = None) -> None:
+                if not wake.done():
+                    wake.set_result(None)
+
+            timer = loop.call_later(within, resume)
             if gone is not None:
-                gone.add_done_callback(self._resume)
+                gone.add_done_callback(resume)
             try:
-                await self._wake
+                await wake
             finally:
                 self._wake = None
                 timer.cancel()
                 if gone is not None:
-                    gone.remove_done_callback(self._resume)
+                    gone.remove_done_callback(resume)
         return self.replies.popleft() if self.replies else None
 
 

@@ -83,8 +83,11 @@ LAST_LAG = Gauge(
     "Record lag of the newest event of the last inserted batch",
 )
 
-#: Idle wait of one poll (a stop request ends it at once, see ``RecorderConsumer._fetch``).
-IDLE_POLL_SECONDS = 0.5
+#: Longest wait of one poll (and the wait when idle), so a stop request is seen that soon rather
+#: after a batch window (up to ``batch_max_seconds``). Polling again is cheap: the broker's fetch
+#: runs on its own. (Cancelling a poll instead would leave aiokafka counting a fetch in progress
+#: for good, which turns off its ``max_poll_interval`` liveness check.)
+STOP_POLL_MS = 200
 #: Longest the broker may hold one of the recorder's fetches waiting for more data.
 MAX_FETCH_WAIT_MS = 1000
 #: Insert attempts still made once a stop is requested, before giving up without committing.
@@ -152,11 +155,11 @@ class RecorderConsumer:
         await self._producer.start()
         self._deadletterer = DeadLetterer(self._producer, self._kafka, SERVICE, self._codec)
         # The recorder inserts in batches anyway, so let the broker accumulate data for up to the
-        # early batch window instead of answering a fetch per message: at low rates one fetch per
-        # message across every partition of every topic cost more CPU (here and in the broker)
-        # than the inserts. Capped: the broker answers a connection's requests in order, so a held
-        # fetch delays this consumer's offset lookups, and one held past the request timeout
-        # (40 s) would be dropped with its connection.
+        # early batch window (1 s at most) instead of answering a fetch per message: at low rates
+        # one fetch per message across every partition of every topic cost more CPU (here and in
+        # the broker) than the inserts. Capped: the broker answers a connection's requests in
+        # order, so a held fetch delays this consumer's offset lookups, and one held past the
+        # request timeout (40 s) would be dropped with its connection.
         self._consumer = make_consumer(
             self._kafka,
             self._settings.group_id,
@@ -253,9 +256,15 @@ class RecorderConsumer:
         while True:
             if len(batch) >= limit:
                 return batch  # a carried-over batch may already be full
-            wait = IDLE_POLL_SECONDS if produced is None else self._due(produced, events) - time.monotonic()
             # Rounded up: rounding down would poll without waiting in the last millisecond.
-            fetched = await self._fetch(consumer, max(0, math.ceil(wait * 1000)), limit - len(batch))
+            wait_ms = (
+                STOP_POLL_MS
+                if produced is None
+                else math.ceil((self._due(produced, events) - time.monotonic()) * 1000)
+            )
+            fetched = await consumer.getmany(
+                timeout_ms=min(STOP_POLL_MS, max(0, wait_ms)), max_records=limit - len(batch)
+            )
             now = time.monotonic()
             for messages in fetched.values():
                 if messages:
@@ -268,32 +277,6 @@ class RecorderConsumer:
             assert produced is not None
             if len(batch) >= limit or now >= self._due(produced, events) or self._stopping.is_set():
                 return batch
-
-    async def _fetch(
-        self, consumer: AIOKafkaConsumer, timeout_ms: int, max_records: int
-    ) -> dict[TopicPartition, list[Message]]:
-        """``getmany``, cut short by a stop request: a shutdown does not wait out the batch
-        window (up to ``batch_max_seconds``) before the open batch is written and committed.
-
-        Cancelling ``getmany`` loses nothing: aiokafka hands records over without awaiting in
-        between, so a cancelled call has taken none from its buffer.
-        """
-        if self._stopping.is_set():
-            timeout_ms = 0
-        fetch: asyncio.Future[dict[TopicPartition, list[Message]]] = asyncio.ensure_future(
-            consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
-        )
-        if timeout_ms == 0:
-            return await fetch
-        stop = asyncio.ensure_future(self._stopping.wait())
-        try:
-            await asyncio.wait((fetch, stop), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-            if not fetch.done():
-                fetch.cancel()
-                await asyncio.wait((fetch,))  # never raises: the caller's own cancellation still does
-        return {} if fetch.cancelled() else fetch.result()
 
     def _due(self, produced: float, size: int) -> float:
         """When a batch of ``size`` events to store, whose oldest message was produced at

@@ -25,7 +25,7 @@ def test_next_returns_replies_in_order_and_none_on_timeout_orphan_or_departure()
         gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         gone.set_result(None)
         left = await waiter.next(5.0, gone)
-        waiter.orphaned.set()
+        waiter.orphan()
         orphaned = await waiter.next(5.0)
         return [first["kind"], second["kind"], timed_out, left, orphaned, len(waiter.replies)]
 
@@ -38,7 +38,7 @@ def test_a_reply_that_arrives_with_the_orphan_signal_is_not_dropped() -> None:
 
     async def scenario() -> CallReply | None:
         waiter = Waiter("c", 0)
-        waiter.orphaned.set()
+        waiter.orphan()
         waiter.put(_reply())
         return await waiter.next(5.0)
 
@@ -85,3 +85,52 @@ def test_a_cancelled_wait_loses_no_reply_and_leaves_nothing_behind() -> None:
         return [first.cancelled(), ended_early, got["kind"] if got else None, len(waiter.replies)]
 
     assert asyncio.run(scenario()) == [True, False, "chunk", 0]
+
+
+def test_the_caller_leaving_with_a_reply_in_the_same_turn_does_not_end_the_next_wait() -> None:
+    """A reply and the disconnect in one turn of the loop: the reply is returned, and the
+    disconnect's callback, already queued by then, must not cut the next wait short (the
+    handler waits again at once, e.g. for an approval, as StreamCall.run does)."""
+
+    async def scenario() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        waiter = Waiter("c", 0)
+        gone: asyncio.Future[None] = loop.create_future()
+
+        def both() -> None:
+            waiter.put(_reply("approval_pending"))
+            gone.set_result(None)
+
+        loop.call_soon(both)
+        first = await waiter.next(60.0, gone)
+        loop.call_later(0.05, waiter.put, _reply())  # the decision, a little later
+        second = await waiter.next(60.0)  # waits again in the same step: no `gone` any more
+        return [first["kind"] if first else None, second["kind"] if second else None]
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 10)) == ["approval_pending", "response"]
+
+
+def test_a_reply_already_there_is_returned_without_waiting_even_with_no_time_left() -> None:
+    async def scenario() -> list[Any]:
+        waiter = Waiter("c", 0)
+        waiter.put(_reply())
+        got = await waiter.next(0.0)
+        return [got["kind"] if got else None, await waiter.next(-1.0)]
+
+    assert asyncio.run(scenario()) == ["response", None]
+
+
+def test_one_wait_at_a_time() -> None:
+    async def scenario() -> str:
+        waiter = Waiter("c", 0)
+        first = asyncio.ensure_future(waiter.next(60.0))
+        await asyncio.sleep(0)  # one turn: the first wait begins
+        try:
+            await waiter.next(60.0)
+        except RuntimeError as exc:
+            return str(exc)
+        finally:
+            first.cancel()
+        return "no error"
+
+    assert "already being waited for" in asyncio.run(scenario())

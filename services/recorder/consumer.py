@@ -112,16 +112,12 @@ class StopRequested(Exception):
     """Raised out of a retry loop when the recorder stops before ClickHouse came back."""
 
 
-def _is_chunk(message: Message) -> bool:
-    """Whether a message is a piece of a streamed answer (never stored: CallCompleted records
-    the assembled message)."""
-    return (topics.KIND_HEADER, topics.CHUNK_KIND) in (message.headers or ())
-
-
 def _stored(message: Message) -> bool:
     """Whether a message becomes a stored event: not a tombstone on a compacted topic (no event),
     not a chunk of a streamed answer (CallCompleted records the whole message)."""
-    return message.value is not None and not _is_chunk(message)
+    return message.value is not None and (topics.KIND_HEADER, topics.CHUNK_KIND) not in (
+        message.headers or ()
+    )
 
 
 class RecorderConsumer:

@@ -80,19 +80,25 @@ async def test_messages_that_waited_a_window_are_written_at_once() -> None:
     assert len(fetcher.timeouts) == 1  # returned after the first fetch, no second wait
 
 
-async def _still_collecting(*fetches: list[_Message]) -> tuple[int, int]:
-    """Starts collecting ``fetches``; checks the batch is still open after a few polls, then
-    stops it. Returns how long (ms) the second poll was to wait, and how many messages the batch
-    held when stopped."""
-    fetcher = _Fetcher(*fetches)
+async def _stop_after_polls(fetcher: _Fetcher, polls: int, within: float) -> list[_Message]:
+    """Starts collecting from ``fetcher``; checks the batch is still open after ``polls`` polls,
+    then asks to stop. Returns the batch, which must come within ``within`` seconds."""
     c = _consumer(fetcher)
     task = asyncio.ensure_future(c._collect())
     deadline = time.monotonic() + WINDOW / 2
-    while len(fetcher.timeouts) < 3 and time.monotonic() < deadline:
+    while len(fetcher.timeouts) < polls and time.monotonic() < deadline:
         await asyncio.sleep(0.001)
     assert not task.done()
     c._stopping.set()
-    return fetcher.timeouts[1], len(await asyncio.wait_for(task, timeout=WINDOW))
+    return await asyncio.wait_for(task, timeout=within)
+
+
+async def _still_collecting(*fetches: list[_Message]) -> tuple[int, int]:
+    """Collects ``fetches``, stopped after three polls. Returns how long (ms) the second poll
+    was to wait, and how many messages the batch held when stopped."""
+    fetcher = _Fetcher(*fetches)
+    held = len(await _stop_after_polls(fetcher, 3, within=WINDOW))
+    return fetcher.timeouts[1], held
 
 
 @pytest.fixture
@@ -182,14 +188,7 @@ async def test_a_stop_request_is_seen_within_one_short_poll(open_batch: bool) ->
     # The broker holds each fetch for the whole timeout asked for: no poll may ask for the rest
     # of the window (or the idle wait), or a stop request would wait that long.
     fetcher = _Fetcher(*([[_at(0.0)]] if open_batch else []), hold=True)
-    c = _consumer(fetcher)
-    task = asyncio.ensure_future(c._collect())
-    deadline = time.monotonic() + WINDOW / 2
-    while len(fetcher.timeouts) < (2 if open_batch else 1) and time.monotonic() < deadline:
-        await asyncio.sleep(0.001)
-    assert not task.done()
-    c._stopping.set()
-    batch = await asyncio.wait_for(task, timeout=WINDOW / 2)
+    batch = await _stop_after_polls(fetcher, 2 if open_batch else 1, within=WINDOW / 2)
     assert len(batch) == (1 if open_batch else 0)
     assert max(fetcher.timeouts) <= consumer.STOP_POLL_MS < WINDOW * 1000 / 2
 

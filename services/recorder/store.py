@@ -569,20 +569,22 @@ class AuditStore:
 
     # -- writes -------------------------------------------------------------------------------
 
-    def insert_batch(self, records: Sequence[handlers.SourceRecord]) -> InsertStats:
+    def insert_batch(self, batch: Sequence[handlers.SourceRecord]) -> InsertStats:
         """Store a batch of decoded events; idempotent, so a redelivered batch is harmless.
 
         :meth:`prepare_batch` then :meth:`write_batch`. The recorder's consumer calls the two
         itself so that a batch is prepared while the previous one is written.
         """
-        return self.write_batch(self.prepare_batch(records))
+        return self.write_batch(self.prepare_batch(batch))
 
     def prepare_batch(
-        self, records: Sequence[handlers.SourceRecord], after: PreparedBatch | None = None
+        self, batch: Sequence[handlers.SourceRecord], after: PreparedBatch | None = None
     ) -> PreparedBatch:
         """Build every row a batch writes, reading the store but writing nothing.
 
-        * ``call_parts`` rows: always all of them (folding an event twice changes nothing);
+        * ``call_parts`` rows: one per call of the batch, its events' rows folded in Python
+          (:func:`records.merge_parts`), always written (folding an event twice changes
+          nothing);
         * ``events`` rows whose event id is not stored yet (the table is also a
           ReplacingMergeTree on the event id for the rare race this check cannot see: two
           replicas during a rebalance);
@@ -594,7 +596,8 @@ class AuditStore:
         writes may not be visible yet, so its event ids, folds, conversations and chain heads
         count as stored. If its write fails, this batch is stale (:class:`StalePrepared`).
         """
-        rows = handlers.rows_for_batch(records)
+        rows = handlers.rows_for_batch(batch)
+        rows.call_parts = records.merge_parts(rows.call_parts)
         generation = after.generation if after is not None else self._generation
         prepared = PreparedBatch(InsertStats(rejected=rows.rejected), generation)
         if not rows.events:

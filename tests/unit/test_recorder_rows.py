@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from services.recorder import handlers
+from services.recorder import handlers, records
 from services.recorder.app import FingerprintKeyError, serve
 from services.recorder.config import ClickHouseSettings, RecorderSettings
 from services.recorder.handlers import SourceRecord
@@ -478,7 +478,7 @@ def test_same_batch_twice_gives_one_row_per_event_and_one_call(store: AuditStore
         where = f"position(formatRow('TSV', *), '{needle}') > 0"
         return _count(store, f"SELECT count() FROM {table} WHERE {where}")  # noqa: S608
 
-    # (call_parts holds one row per inserted event until merges fold them.)
+    # (call_parts holds one row per call and batch until merges fold them.)
     assert rows_containing("call_parts", "[EMAIL_1]") > 0
     for forbidden in (SECRET, PII, CALLER_FACING, POISON):
         assert rows_containing("events", forbidden) == 0, forbidden
@@ -623,6 +623,45 @@ def test_parts_carry_blocked_tools_and_response_masks() -> None:
     assert (
         decided_part["blocked_tools"] == [] and completed_part["response_mask"] == handlers.NO_RESPONSE_MASK
     )
+
+
+def _merge_batch() -> list[SourceRecord]:
+    """Events of four calls interleaved in one batch: a plain flow, a guarded one (blocked
+    tools, response masks), an approval with its two decisions, one redelivered event."""
+    plain, guarded, held = ev.new_call_id(), ev.new_call_id(), ev.new_call_id()
+    flows = [call_flow(plain), guarded_flow(guarded), _approval_flow(held)]
+    batch = [r for step in zip(*(f[:4] for f in flows), strict=True) for r in step]
+    return [*batch, _approval_flow(held)[4], flows[0][2]]
+
+
+def test_merged_parts_fold_like_the_rows_they_replace() -> None:
+    rows = handlers.rows_for_batch(_merge_batch()).call_parts
+    merged = records.merge_parts(rows)
+    by_call: dict[str, list[list[Any]]] = {}
+    for row in rows:
+        by_call.setdefault(row[0], []).append(row)
+    assert [m[0] for m in merged] == list(by_call)  # one row per call, in first-seen order
+    assert len(merged) == 3 < len(rows)
+    for row in merged:
+        assert records.fold_parts(row[0], [row]) == records.fold_parts(row[0], by_call[row[0]])
+        assert row[1] == by_call[row[0]][0][1]  # the partition its parts name
+    assert records.merge_parts(merged) == merged  # merging again changes nothing
+
+
+def test_calls_view_reads_merged_parts_as_the_rows_they_replace(store: AuditStore) -> None:
+    """The same events stored one row per event (as the recorder stored them before merging)
+    and as merged rows under other call ids read the same through the calls view."""
+    rows = handlers.rows_for_batch(_merge_batch()).call_parts
+    twin = {call_id: ev.new_call_id() for call_id in dict.fromkeys(r[0] for r in rows)}
+    merged = [[twin[m[0]], *m[1:]] for m in records.merge_parts(rows)]
+    with store._use(store._writer):
+        store._writer.insert_rows(f"{store.database}.call_parts", rows, handlers.CALL_PART_COLUMNS)
+        store._writer.insert_rows(f"{store.database}.call_parts", merged, handlers.CALL_PART_COLUMNS)
+    for original, copy in twin.items():
+        view = store.call_state(original)
+        assert view is not None and view["state"] == "completed"
+        assert {**view, "call_id": copy} == store.call_state(copy)
+        assert _count(store, f"SELECT count() FROM call_parts WHERE call_id = '{copy}'") == 1  # noqa: S608
 
 
 def test_blocked_tools_land_in_the_calls_view_once_across_redelivery(store: AuditStore) -> None:

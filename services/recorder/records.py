@@ -270,15 +270,14 @@ class CallFold:
             changed = True
         return changed
 
-    def part_row(self, call_month: int) -> list[Any]:
-        """The fold as one ``call_parts`` row (:data:`handlers.CALL_PART_COLUMNS` order);
-        ``call_month`` is the partition its parts name.
+    def part_row(self) -> list[Any]:
+        """The fold as one ``call_parts`` row (:data:`handlers.CALL_PART_COLUMNS` order).
 
         Every column aggregates with ``max``/``min``/union, so this one row stands for all the
         rows folded into it: inserting it instead of them leaves the ``calls`` view unchanged.
         """
         return [
-            self.call_id, call_month, self.session_id, self.ident,
+            self.call_id, handlers.call_month(self.call_id), self.session_id, self.ident,
             self.request, self.submitted_at, self.first_event_at, self.last_event_at,
             self.decided, self.state, self.terminal, self.approval_id,
             sorted(self.approval_decisions), sorted(self.masked_types),
@@ -361,21 +360,6 @@ def _part_from_store(row: Sequence[Any]) -> list[Any]:
         part[index] = tuple(values)
     part[_P_BLOCKED] = [_plain(b) for b in part[_P_BLOCKED]]
     return part
-
-
-def merge_parts(parts: Sequence[Sequence[Any]]) -> list[list[Any]]:
-    """One ``call_parts`` row per call for a batch's rows (one row per event), first-seen order.
-
-    A forwarded call's three events usually arrive in one batch; its one folded row costs
-    ClickHouse a third of the three rows' insert work, and the ``calls`` view reads the same.
-    """
-    folds: dict[str, tuple[CallFold, int]] = {}
-    for part in parts:
-        call_id = str(part[_P_CALL])
-        if (entry := folds.get(call_id)) is None:
-            entry = folds[call_id] = (CallFold(call_id), int(part[_P_MONTH]))
-        entry[0].add(part)
-    return [fold.part_row(month) for fold, month in folds.values()]
 
 
 def fold_parts(call_id: str, rows: Sequence[Sequence[Any]]) -> CallFold:

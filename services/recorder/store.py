@@ -582,9 +582,8 @@ class AuditStore:
     ) -> PreparedBatch:
         """Build every row a batch writes, reading the store but writing nothing.
 
-        * ``call_parts`` rows: one per call of the batch, its events' rows folded in Python
-          (:func:`records.merge_parts`), always written (folding an event twice changes
-          nothing);
+        * ``call_parts`` rows, always written (folding an event twice changes nothing): one
+          row per call first seen in this batch (see :meth:`_fold_calls`), else one per event;
         * ``events`` rows whose event id is not stored yet (the table is also a
           ReplacingMergeTree on the event id for the rare race this check cannot see: two
           replicas during a rebalance);
@@ -597,7 +596,6 @@ class AuditStore:
         count as stored. If its write fails, this batch is stale (:class:`StalePrepared`).
         """
         rows = handlers.rows_for_batch(batch)
-        rows.call_parts = records.merge_parts(rows.call_parts)
         generation = after.generation if after is not None else self._generation
         prepared = PreparedBatch(InsertStats(rejected=rows.rejected), generation)
         if not rows.events:
@@ -608,7 +606,6 @@ class AuditStore:
                 for _, event_id in rows.event_keys:
                     if (where := after.written.get(event_id)) is not None:
                         known.setdefault(event_id, where)
-            prepared.call_parts = rows.call_parts
             prepared.events = [row for row in rows.events if row[0] not in known]
             prepared.written = {str(r[0]): (str(r[1]), int(r[14]), int(r[15])) for r in prepared.events}
             if rows.call_parts:
@@ -621,7 +618,7 @@ class AuditStore:
                 ]  # fmt: skip
                 self._seal(client, stored, after, prepared)
         stats = prepared.stats
-        stats.call_parts = len(rows.call_parts)
+        stats.call_parts = len(prepared.call_parts)
         stats.events = len(prepared.events)
         stats.duplicates = len(rows.events) - len(prepared.events)
         for row, topic in zip(rows.events, rows.topics, strict=True):
@@ -709,8 +706,8 @@ class AuditStore:
     ) -> None:
         """Build the ``call_records`` rows of the calls whose fold the batch changes.
 
-        The batch's ``call_parts`` rows are folded in Python (:class:`records.CallFold`), so no
-        batch reads the folded state back from ClickHouse:
+        Also fills ``prepared.call_parts``. The batch's ``call_parts`` rows are folded in Python
+        (:class:`records.CallFold`), so no batch reads the folded state back from ClickHouse:
 
         * a call with no event stored before this batch starts from an empty fold;
         * a call whose every stored event this process folded (the batch being written, then
@@ -723,7 +720,7 @@ class AuditStore:
         The version that first shows a call in a terminal state is marked ``counted``: the usage
         views count each call exactly once, whatever was redelivered or re-emitted.
         """
-        parts: dict[str, list[Sequence[Any]]] = {}
+        parts: dict[str, list[list[Any]]] = {}
         for part in rows.call_parts:
             parts.setdefault(str(part[0]), []).append(part)
         seen: dict[str, set[str]] = {}
@@ -738,6 +735,7 @@ class AuditStore:
                 known = self._folds.get(call_id)
             if stored and (known is None or not stored <= known.event_ids):
                 cold.append(call_id)
+                prepared.call_parts.extend(call_parts)
                 continue
             fold = known.copy() if known is not None else records.CallFold(call_id)
             fold.event_ids |= seen.get(call_id, set())
@@ -745,9 +743,16 @@ class AuditStore:
                 changed.append(fold)
             # Kept even when unchanged: the event ids it saw spare the next batch a read.
             prepared.folds[call_id] = fold
+            if known is None:
+                # A call first seen in this batch: its fold is this batch's rows folded, and one
+                # row stands for them all (a third of the insert work for a forwarded call).
+                prepared.call_parts.append(fold.part_row())
+            else:
+                # Not the fold: that would write again what earlier batches stored (bodies).
+                prepared.call_parts.extend(call_parts)
         if cold:
             read = {fold.call_id: fold for fold in self._read_folds(client, cold)}
-            in_flight: dict[str, list[Sequence[Any]]] = {}
+            in_flight: dict[str, list[list[Any]]] = {}
             if after is not None and any(call_id in after.folds for call_id in cold):
                 for part in after.call_parts:
                     in_flight.setdefault(str(part[0]), []).append(part)

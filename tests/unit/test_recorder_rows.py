@@ -478,7 +478,7 @@ def test_same_batch_twice_gives_one_row_per_event_and_one_call(store: AuditStore
         where = f"position(formatRow('TSV', *), '{needle}') > 0"
         return _count(store, f"SELECT count() FROM {table} WHERE {where}")  # noqa: S608
 
-    # (call_parts holds one row per call and batch until merges fold them.)
+    # (call_parts holds several rows per call until merges fold them.)
     assert rows_containing("call_parts", "[EMAIL_1]") > 0
     for forbidden in (SECRET, PII, CALLER_FACING, POISON):
         assert rows_containing("events", forbidden) == 0, forbidden
@@ -634,29 +634,36 @@ def _merge_batch() -> list[SourceRecord]:
     return [*batch, _approval_flow(held)[4], flows[0][2]]
 
 
-def test_merged_parts_fold_like_the_rows_they_replace() -> None:
-    rows = handlers.rows_for_batch(_merge_batch()).call_parts
-    merged = records.merge_parts(rows)
+def test_a_new_call_gets_one_part_row_that_folds_like_its_rows(store: AuditStore) -> None:
+    batch = _merge_batch()
+    rows = handlers.rows_for_batch(batch).call_parts
     by_call: dict[str, list[list[Any]]] = {}
     for row in rows:
         by_call.setdefault(row[0], []).append(row)
-    assert [m[0] for m in merged] == list(by_call)  # one row per call, in first-seen order
-    assert len(merged) == 3 < len(rows)
-    for row in merged:
+    prepared = store.prepare_batch(batch)
+    assert sorted(m[0] for m in prepared.call_parts) == sorted(by_call)  # one row per call
+    for row in prepared.call_parts:
         assert records.fold_parts(row[0], [row]) == records.fold_parts(row[0], by_call[row[0]])
-        assert row[1] == by_call[row[0]][0][1]  # the partition its parts name
-    assert records.merge_parts(merged) == merged  # merging again changes nothing
+        assert row[1] == by_call[row[0]][0][1]  # the partition its rows name
+    store.write_batch(prepared)
+
+    # A call seen before gets this batch's rows as they are, not its whole fold again.
+    plain = batch[0].event["call_id"]
+    later = [record(ev.CALL_FAILED, failed(plain), 9), batch[6]]
+    again = store.prepare_batch(later)
+    assert again.call_parts == handlers.rows_for_batch(later).call_parts
 
 
-def test_calls_view_reads_merged_parts_as_the_rows_they_replace(store: AuditStore) -> None:
-    """The same events stored one row per event (as the recorder stored them before merging)
-    and as merged rows under other call ids read the same through the calls view."""
-    rows = handlers.rows_for_batch(_merge_batch()).call_parts
+def test_calls_view_reads_a_folded_part_row_as_the_rows_it_replaces(store: AuditStore) -> None:
+    """The same events stored one row per event, and as the batch's folded rows under other
+    call ids, read the same through the calls view."""
+    batch = _merge_batch()
+    rows = handlers.rows_for_batch(batch).call_parts
     twin = {call_id: ev.new_call_id() for call_id in dict.fromkeys(r[0] for r in rows)}
-    merged = [[twin[m[0]], *m[1:]] for m in records.merge_parts(rows)]
+    folded = [[twin[m[0]], *m[1:]] for m in store.prepare_batch(batch).call_parts]
     with store._use(store._writer):
         store._writer.insert_rows(f"{store.database}.call_parts", rows, handlers.CALL_PART_COLUMNS)
-        store._writer.insert_rows(f"{store.database}.call_parts", merged, handlers.CALL_PART_COLUMNS)
+        store._writer.insert_rows(f"{store.database}.call_parts", folded, handlers.CALL_PART_COLUMNS)
     for original, copy in twin.items():
         view = store.call_state(original)
         assert view is not None and view["state"] == "completed"

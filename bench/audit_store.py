@@ -42,7 +42,7 @@ import orjson
 
 from bench.audit_events import conversations, records
 from services.recorder import timeline
-from services.recorder.config import ClickHouseSettings, RetentionSettings
+from services.recorder.config import ClickHouseSettings, RecorderSettings, RetentionSettings
 from services.recorder.handlers import SourceRecord
 from services.recorder.main import tune_gc
 from services.recorder.search import CallSearch
@@ -196,7 +196,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=1_000_000)
     parser.add_argument(
-        "--batch-events", type=int, default=5000, help="events per insert (the recorder's default)"
+        "--batch-events",
+        type=int,
+        default=RecorderSettings.model_fields["batch_max_events"].default,
+        help="events per insert (the recorder's default)",
     )
     parser.add_argument("--repeat", type=int, default=50, help="queries per latency figure")
     parser.add_argument("--seed", type=int, default=7)

@@ -110,10 +110,11 @@ class RecorderSettings(BaseSettings):
         description="Kafka consumer group; replicas of the recorder share the partitions.",
     )
     batch_max_events: int = Field(
-        default=5000,
+        default=10000,
         ge=1,
         description="Insert as soon as this many events are buffered (ClickHouse prefers few "
-        "large inserts to many small ones).",
+        "large inserts to many small ones; a busy recorder fills its batches up to this from "
+        "what the broker has buffered, so it also bounds the memory of a batch).",
     )
     batch_max_seconds: float = Field(
         default=1.0,

@@ -18,7 +18,7 @@ def tune_gc() -> None:
     young-generation threshold (700 allocations) the collector ran hundreds of times per batch,
     each time walking every young object still alive (the rows of the batch being built). The
     rows hold no reference cycles, so reference counting frees them all; the threshold is
-    therefore set above what a 5,000-event batch allocates. Measured on the ingest bench: at
+    therefore set above what a batch leaves alive while it is built. Measured on the ingest bench: at
     50,000 the collector still took ~15% of a batch's time, at 1,000,000 it rarely runs.
     ``gc.freeze`` moves everything alive at start (modules, settings) out of its sight for good.
     """

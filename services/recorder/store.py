@@ -583,7 +583,8 @@ class AuditStore:
         """Build every row a batch writes, reading the store but writing nothing.
 
         * ``call_parts`` rows, always written (folding an event twice changes nothing): one
-          row per call first seen in this batch (see :meth:`_fold_calls`), else one per event;
+          row per call new to the store and to ``after`` (see :meth:`_fold_calls`), else one
+          per event;
         * ``events`` rows whose event id is not stored yet (the table is also a
           ReplacingMergeTree on the event id for the rare race this check cannot see: two
           replicas during a rebalance);
@@ -744,8 +745,9 @@ class AuditStore:
             # Kept even when unchanged: the event ids it saw spare the next batch a read.
             prepared.folds[call_id] = fold
             if known is None:
-                # A call first seen in this batch: its fold is this batch's rows folded, and one
-                # row stands for them all (a third of the insert work for a forwarded call).
+                # The fold started empty (no event of the call stored or in the batch being
+                # written), so it is exactly this batch's rows folded: one row stands for them
+                # all (a third of the insert work for a forwarded call).
                 prepared.call_parts.append(fold.part_row())
             else:
                 # Not the fold: that would write again what earlier batches stored (bodies).

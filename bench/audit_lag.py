@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.audit_lag --rate 500 --seconds 60               # through Kafka
     .venv/bin/python -m bench.audit_lag --rate 500 --seconds 60 --store-only  # the store alone
+    .venv/bin/python -m bench.audit_lag --backlog 50000                       # catch-up rate
 
 Calls arrive at ``--rate`` per second, three events each (submitted, decided, completed, with
 1-2 KB bodies), each stamped with the time it is produced.
@@ -23,6 +24,11 @@ without Kafka, the consumer's decoding or the API: the store's share of the lag.
 longer than the batch window the loop falls behind and the lag grows without bound: that is the
 capacity limit showing.
 
+**Backlog** (``--backlog N``): the recorder's ingest through Kafka. N calls are produced while
+the recorder is stopped, then it is started and timed from its first insert until every event
+is stored (events/s, and the cores the recorder used meanwhile): consuming, decoding, preparing,
+inserting and committing, with only the broker beside it.
+
 Numbers go to stdout and ``bench/results/audit-lag-<UTC time>.json``; nothing asserts them.
 Target (issue 6): under 2 s at 500 calls/s.
 """
@@ -31,11 +37,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -256,6 +264,23 @@ async def _produce(
     }
 
 
+@contextlib.contextmanager
+def _warm_recorder(args: argparse.Namespace, name: str) -> Iterator[tuple[Stack, str, Metrics]]:
+    """Kafka and the recorder service on free ports, warmed up with ``--warmup-calls`` (the
+    consumer has joined its group, topics and parts exist); yields the stack, its topic prefix
+    and the recorder's metrics after the warm-up, and removes it all afterwards."""
+    directory = Path(tempfile.mkdtemp(prefix=f"skillgate-audit-{name}-"))
+    prefix = f"{name}bench{int(time.time())}."
+    stack = Stack(directory, StackPorts.free(), topic_prefix=prefix, use_stub=False)
+    try:
+        stack.start(services=("recorder",))
+        warm = asyncio.run(_produce(args, stack, prefix, args.warmup_calls, 5, 1 << 30))
+        yield stack, prefix, _scrape_when_stored(stack, warm["events"])
+    finally:
+        stack.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def through_kafka(args: argparse.Namespace) -> dict[str, Any]:
     """The full lag: produced to Kafka, consumed, inserted and queryable, measured twice.
 
@@ -263,13 +288,7 @@ def through_kafka(args: argparse.Namespace) -> dict[str, Any]:
     exist); the recorder's metrics are scraped after it and again after the run, and only the
     difference is reported.
     """
-    directory = Path(tempfile.mkdtemp(prefix="skillgate-audit-lag-"))
-    prefix = f"lagbench{int(time.time())}."
-    stack = Stack(directory, StackPorts.free(), topic_prefix=prefix, use_stub=False)
-    try:
-        stack.start(services=("recorder",))
-        warm = asyncio.run(_produce(args, stack, prefix, args.warmup_calls, 5, 1 << 30))
-        before = _scrape_when_stored(stack, warm["events"])
+    with _warm_recorder(args, "lag") as (stack, prefix, before):
         stored_before = _total(before, "skillgate_recorder_events_inserted_total")
         total = int(args.rate * args.seconds)
         produced = asyncio.run(_produce(args, stack, prefix, total, 11, args.probe_every))
@@ -299,9 +318,64 @@ def through_kafka(args: argparse.Namespace) -> dict[str, Any]:
             "probe_lag_p99_s": round(probe[int(0.99 * (len(probe) - 1))], 3) if probe else None,
             "probe_lag_max_s": round(probe[-1], 3) if probe else None,
         }
-    finally:
-        stack.stop()
-        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def backlog(args: argparse.Namespace) -> dict[str, Any]:
+    """The recorder catching up on ``--backlog`` calls already in Kafka: its ingest through
+    Kafka (consuming, decoding, preparing, inserting, committing) with no producer competing
+    for the two cores.
+
+    After a warm-up the recorder is stopped, the calls are produced as fast as the producer
+    goes, and the recorder is started again; the rate counts from its first insert to the
+    insert that stores the last event, so its start (migrations, joining the group) is
+    reported apart.
+    """
+    with _warm_recorder(args, "backlog") as (stack, prefix, _):
+        stack.stop_service("recorder")
+        flood = argparse.Namespace(**{**vars(args), "rate": 1e6})  # every call due at once
+        produced = asyncio.run(_produce(flood, stack, prefix, args.backlog, 11, 1 << 30))
+        total = produced["events"]
+        started = time.monotonic()
+        stack.start_service("recorder")
+        pid = stack.procs["recorder"].pid
+        broker = stack.kafka.proc.pid if stack.kafka is not None and stack.kafka.proc is not None else None
+        samples: list[tuple[float, float, float, float]] = []  # (time, stored, recorder CPU, broker CPU)
+        deadline = started + args.backlog_timeout
+        while time.monotonic() < deadline:
+            try:
+                metrics = _parse(httpx.get(f"{stack.recorder_url}/metrics", timeout=5).text)
+            except httpx.HTTPError:
+                metrics = {}  # still starting
+            stored = _total(metrics, "skillgate_recorder_events_inserted_total")
+            samples.append(
+                (time.monotonic(), stored, _cpu_seconds(pid), _cpu_seconds(broker) if broker else 0.0)
+            )
+            if stored >= total:
+                break
+            time.sleep(0.5)  # polling a condition with a deadline (scrapes cost the recorder CPU)
+        last = samples[-1]
+        first = next((s for s in samples if s[1] > 0), last)
+        span = last[0] - first[0]
+        return {
+            "bench": "audit_backlog",
+            "at": datetime.now(UTC).isoformat(),
+            "load_average": os.getloadavg(),
+            "calls": args.backlog,
+            "events_produced": total,
+            "events_stored": int(last[1]),
+            "recorder_start_to_first_insert_s": round(first[0] - started, 2),
+            "catch_up_s": round(span, 2),
+            "events_per_second": round((last[1] - first[1]) / span) if span > 0 else None,
+            "recorder_cores": round((last[2] - first[2]) / span, 2) if span > 0 else None,
+            "broker_cores": round((last[3] - first[3]) / span, 2) if span > 0 and broker else None,
+            "recorder_batch_size_mean": _mean(metrics, "skillgate_recorder_batch_size"),
+        }
 
 
 def main() -> None:
@@ -313,8 +387,15 @@ def main() -> None:
     parser.add_argument("--probe-every", type=int, default=250, help="poll every n-th call through the API")
     parser.add_argument("--warmup-calls", type=int, default=200, help="calls before the measured run")
     parser.add_argument("--store-only", action="store_true", help="insert into chDB directly, no Kafka")
+    parser.add_argument(
+        "--backlog", type=int, default=0, help="calls produced first, then timed as the recorder catches up"
+    )
+    parser.add_argument(
+        "--backlog-timeout", type=float, default=600.0, help="seconds to wait for the catch-up"
+    )
     args = parser.parse_args()
-    result = store_only(args) if args.store_only else through_kafka(args)
+    run = backlog if args.backlog else store_only if args.store_only else through_kafka
+    result = run(args)
     print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"audit-lag-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"

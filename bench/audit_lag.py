@@ -205,7 +205,8 @@ async def _probe(
 async def _produce(
     args: argparse.Namespace, stack: Stack, prefix: str, total: int, seed: int, probe_every: int
 ) -> dict[str, Any]:
-    """Produce the calls at the target rate; the probes' lags.
+    """Produce the calls at the target rate; the probes' lags (every ``probe_every``-th call is
+    probed through the recorder's API; 0: none).
 
     Every message is encoded before the clock starts, stamped with the time it is due: the load
     generator then only sends, so it takes as little CPU from the recorder and Kafka as it can
@@ -228,7 +229,7 @@ async def _produce(
             )
             for rec in records(spec, topic_prefix=prefix.rstrip("."))
         ]
-        probe = spec.call_id if n % probe_every == 0 and spec.decision == "allow" else None
+        probe = spec.call_id if probe_every and n % probe_every == 0 and spec.decision == "allow" else None
         planned.append((due, probe, messages))
     late = max(0.0, time.time() - began)
     await producer.start()
@@ -274,7 +275,7 @@ def _warm_recorder(args: argparse.Namespace, name: str) -> Iterator[tuple[Stack,
     stack = Stack(directory, StackPorts.free(), topic_prefix=prefix, use_stub=False)
     try:
         stack.start(services=("recorder",))
-        warm = asyncio.run(_produce(args, stack, prefix, args.warmup_calls, 5, 1 << 30))
+        warm = asyncio.run(_produce(args, stack, prefix, args.warmup_calls, 5, 0))
         yield stack, prefix, _scrape_when_stored(stack, warm["events"])
     finally:
         stack.stop()
@@ -339,25 +340,28 @@ def backlog(args: argparse.Namespace) -> dict[str, Any]:
     with _warm_recorder(args, "backlog") as (stack, prefix, _):
         stack.stop_service("recorder")
         flood = argparse.Namespace(**{**vars(args), "rate": 1e6})  # every call due at once
-        produced = asyncio.run(_produce(flood, stack, prefix, args.backlog, 11, 1 << 30))
+        produced = asyncio.run(_produce(flood, stack, prefix, args.backlog, 11, 0))
         total = produced["events"]
         started = time.monotonic()
         stack.start_service("recorder")
         pid = stack.procs["recorder"].pid
         broker = stack.kafka.proc.pid if stack.kafka is not None and stack.kafka.proc is not None else None
-        samples: list[tuple[float, float, float, float]] = []  # (time, stored, recorder CPU, broker CPU)
+        # (time, events stored, recorder CPU s, broker CPU s), from the start on
+        samples = [(started, 0.0, _cpu_seconds(pid), _cpu_seconds(broker) if broker else 0.0)]
+        metrics: Metrics = {}
         deadline = started + args.backlog_timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and stack.procs["recorder"].poll() is None:
             try:
                 metrics = _parse(httpx.get(f"{stack.recorder_url}/metrics", timeout=5).text)
             except httpx.HTTPError:
-                metrics = {}  # still starting
-            stored = _total(metrics, "skillgate_recorder_events_inserted_total")
-            samples.append(
-                (time.monotonic(), stored, _cpu_seconds(pid), _cpu_seconds(broker) if broker else 0.0)
-            )
-            if stored >= total:
-                break
+                pass  # still starting, or too busy to answer in time: ask again
+            else:
+                stored = _total(metrics, "skillgate_recorder_events_inserted_total")
+                samples.append(
+                    (time.monotonic(), stored, _cpu_seconds(pid), _cpu_seconds(broker) if broker else 0.0)
+                )
+                if stored >= total:
+                    break
             time.sleep(0.5)  # polling a condition with a deadline (scrapes cost the recorder CPU)
         last = samples[-1]
         first = next((s for s in samples if s[1] > 0), last)
@@ -369,7 +373,8 @@ def backlog(args: argparse.Namespace) -> dict[str, Any]:
             "calls": args.backlog,
             "events_produced": total,
             "events_stored": int(last[1]),
-            "recorder_start_to_first_insert_s": round(first[0] - started, 2),
+            "complete": last[1] >= total,
+            "recorder_start_to_first_insert_s": round(first[0] - started, 2) if first[1] > 0 else None,
             "catch_up_s": round(span, 2),
             "events_per_second": round((last[1] - first[1]) / span) if span > 0 else None,
             "recorder_cores": round((last[2] - first[2]) / span, 2) if span > 0 else None,

@@ -92,6 +92,9 @@ STOP_POLL_MS = 200
 MAX_FETCH_WAIT_MS = 1000
 #: Insert attempts still made once a stop is requested, before giving up without committing.
 STOP_ATTEMPTS = 3
+#: While a refused batch is inserted by halves, how often the recorder polls Kafka (paused) to
+#: stay in its group: well under aiokafka's max_poll_interval (300 s).
+ISOLATE_POLL_SECONDS = 10.0
 #: Errors that say the batch's data (not the store) is the problem: the batch is split to find
 #: the offending events instead of being retried forever.
 DATA_ERRORS = (TypeError, ValueError, OverflowError, DataError)
@@ -406,28 +409,41 @@ class RecorderConsumer:
         return stats
 
     async def _isolate(self, records: Sequence[SourceRecord]) -> InsertStats:
-        """Insert a refused batch by halves, down to the events ClickHouse refuses (rejected).
+        """Insert a refused batch by halves, in order, down to the events ClickHouse refuses
+        (rejected, to be dead-lettered).
 
-        Halving finds one bad event among n in about 2·log2(n) inserts: one by one, a full
-        batch of 10,000 took ~1,000 s at ~0.1 s per insert on chDB, past the consumer's
-        ``max_poll_interval`` (the group would evict the recorder and the batch come back
-        forever). Inserts are idempotent, so a half stored before it failed is harmless.
+        Halving finds k bad events among n in about 2·k·log2(n/k) inserts; one by one, a full
+        batch of 10,000 took ~1,000 s at ~0.1 s per insert on chDB. However long it takes, the
+        recorder stays a live group member: every ``ISOLATE_POLL_SECONDS`` it polls Kafka with
+        its partitions paused (what that fetches is kept for the next batch), so
+        ``max_poll_interval`` never evicts it. Inserts are idempotent, so retrying a half that
+        failed after storing some of its rows stores nothing twice; a refused event may still
+        leave rows in the tables inserted before the one that refused it.
         """
         total = InsertStats()
         middle = len(records) // 2
         pending = [records[middle:], records[:middle]] if middle else [records]
-        while pending:
-            part = pending.pop()
-            try:
-                stats = await asyncio.to_thread(self._store.insert_batch, part)
-            except DATA_ERRORS as exc:
-                if len(part) == 1:
-                    total.rejected.append((part[0], f"{type(exc).__name__}: {exc}"[:1000]))
+        polled = time.monotonic()
+        paused = False
+        try:
+            while pending:
+                part = pending.pop()
+                try:
+                    stats = await asyncio.to_thread(self._store.insert_batch, part)
+                except DATA_ERRORS as exc:
+                    if len(part) == 1:
+                        total.rejected.append((part[0], f"{type(exc).__name__}: {exc}"[:1000]))
+                    else:
+                        middle = len(part) // 2
+                        pending.extend((part[middle:], part[:middle]))
                 else:
-                    middle = len(part) // 2
-                    pending.extend((part[middle:], part[:middle]))
-                continue
-            total.merge(stats)
+                    total.merge(stats)
+                if pending and time.monotonic() - polled > ISOLATE_POLL_SECONDS:
+                    await self._poll_paused()
+                    paused, polled = True, time.monotonic()
+        finally:
+            if paused:
+                self._kafka_consumer.resume(*self._kafka_consumer.assignment())
         return total
 
     async def _dead_letter(self, message: Message | None, reason: str) -> None:
@@ -505,19 +521,24 @@ class RecorderConsumer:
             if paused and self._consumer is not None:
                 self._consumer.resume(*self._consumer.assignment())
 
+    async def _poll_paused(self) -> None:
+        """Poll Kafka with every partition paused: the group sees a live member, and what the
+        poll returns (fetched before the pause) is kept for the next batch. The caller resumes."""
+        consumer = self._kafka_consumer
+        # Pause before every poll: a rebalance may have assigned new, unpaused partitions.
+        consumer.pause(*consumer.assignment())
+        fetched: dict[Any, list[Message]] = await consumer.getmany(timeout_ms=0)
+        for messages in fetched.values():
+            self._carry.extend(messages)
+
     async def _idle(self, seconds: float) -> None:
         """Back off for ``seconds`` while staying a live group member and fetching nothing.
 
         A stop request ends the wait early (the caller then makes its last attempts).
         """
-        consumer = self._kafka_consumer
         deadline = time.monotonic() + seconds
         while (remaining := deadline - time.monotonic()) > 0:
-            # Pause before every poll: a rebalance may have assigned new, unpaused partitions.
-            consumer.pause(*consumer.assignment())
-            fetched: dict[Any, list[Message]] = await consumer.getmany(timeout_ms=0)
-            for messages in fetched.values():
-                self._carry.extend(messages)
+            await self._poll_paused()
             try:
                 await asyncio.wait_for(self._stopping.wait(), timeout=min(remaining, 1.0))
             except TimeoutError:

@@ -1072,11 +1072,34 @@ def test_streamed_chunks_tagged_by_the_forwarder_are_skipped_without_decoding() 
     assert [m.offset for m, _ in dead] == [2]  # only the untagged garbage is dead-lettered
 
 
+class _PausedKafka:
+    """What ``_isolate`` asks of aiokafka's consumer while it halves a batch: pause, poll, resume."""
+
+    def __init__(self) -> None:
+        self.paused: set[str] = set()
+        self.polls = 0
+
+    def assignment(self) -> set[str]:
+        return {"t-0", "t-1"}
+
+    def pause(self, *partitions: str) -> None:
+        self.paused |= set(partitions)
+
+    def resume(self, *partitions: str) -> None:
+        self.paused -= set(partitions)
+
+    async def getmany(self, timeout_ms: int = 0) -> dict[str, list[str]]:
+        assert self.paused == self.assignment()  # polled only to stay in the group
+        self.polls += 1
+        return {"t-0": [f"fetched-before-the-pause-{self.polls}"]}
+
+
 def test_a_refused_batch_is_halved_down_to_the_event_clickhouse_refuses(
     store: AuditStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One event ClickHouse cannot take (a status beyond Int32) among 32: found in a handful of
-    inserts rather than one per event, and every other event stored."""
+    inserts rather than one per event, every other event stored, and the recorder polling Kafka
+    (paused) all along so its group keeps it."""
     batch = [r for flow in _flows([ev.new_call_id() for _ in range(8)]) for r in flow]
     bad = batch[13] = dataclasses.replace(batch[13], event={**batch[13].event, "status": 2**40})
     with pytest.raises(DataError):
@@ -1090,10 +1113,16 @@ def test_a_refused_batch_is_halved_down_to_the_event_clickhouse_refuses(
 
     recorder = consumer.RecorderConsumer.__new__(consumer.RecorderConsumer)
     recorder._store = store
+    recorder._consumer = kafka = _PausedKafka()
+    recorder._carry = []
     monkeypatch.setattr(store, "insert_batch", counted)
+    monkeypatch.setattr(consumer, "ISOLATE_POLL_SECONDS", 0.0)  # poll after every insert
     stats = asyncio.run(recorder._isolate(batch))
     assert [record for record, _ in stats.rejected] == [bad]
     assert "DataError" in stats.rejected[0][1]
-    assert len(sizes) <= 2 * 5 + 1  # one by one: 32 inserts
+    assert len(sizes) <= 2 * 5  # one by one: 32 inserts
+    assert stats.events == len(batch) - 1
     stored = {str(row[0]) for row in store.query("SELECT event_id FROM events").rows}
     assert stored == {str(r.event["event_id"]) for r in batch if r is not bad}
+    assert kafka.polls == len(sizes) - 1 and not kafka.paused  # polled between inserts, resumed
+    assert len(recorder._carry) == kafka.polls  # what the polls returned is kept for later

@@ -413,7 +413,7 @@ class RecorderConsumer:
         (rejected, to be dead-lettered).
 
         Halving finds k bad events among n in about 2·k·log2(n/k) inserts; one by one, a full
-        batch of 10,000 took ~1,000 s at ~0.1 s per insert on chDB. However long it takes, the
+        batch of 10,000 would take ~1,000 s at ~0.1 s per insert on chDB. However long it takes, the
         recorder stays a live group member: every ``ISOLATE_POLL_SECONDS`` it polls Kafka with
         its partitions paused (what that fetches is kept for the next batch), so
         ``max_poll_interval`` never evicts it. Inserts are idempotent, so retrying a half that

@@ -18,9 +18,9 @@ def tune_gc() -> None:
     young-generation threshold (700 allocations) the collector ran hundreds of times per batch,
     each time walking every young object still alive (the rows of the batch being built). The
     rows hold no reference cycles, so reference counting frees them all; the threshold is
-    therefore set above what a batch leaves alive while it is built. Measured on the ingest bench: at
-    50,000 the collector still took ~15% of a batch's time, at 1,000,000 it rarely runs (once in
-    60,000 calls with 10,000-event batches, 0.3 s in all).
+    therefore set above what a batch leaves alive while it is built. Measured on the ingest
+    bench: at 50,000 the collector still took ~15% of a batch's time, at 1,000,000 it rarely
+    runs (once in 60,000 calls with 10,000-event batches, 0.3 s in all).
     ``gc.freeze`` moves everything alive at start (modules, settings) out of its sight for good.
     """
     gc.freeze()

@@ -346,8 +346,12 @@ def backlog(args: argparse.Namespace) -> dict[str, Any]:
         stack.start_service("recorder")
         pid = stack.procs["recorder"].pid
         broker = stack.kafka.proc.pid if stack.kafka is not None and stack.kafka.proc is not None else None
-        # (time, events stored, recorder CPU s, broker CPU s), from the start on
-        samples = [(started, 0.0, _cpu_seconds(pid), _cpu_seconds(broker) if broker else 0.0)]
+
+        def sample(at: float, stored: float) -> tuple[float, float, float, float]:
+            """(time, events stored, recorder CPU s, broker CPU s)"""
+            return at, stored, _cpu_seconds(pid), _cpu_seconds(broker) if broker else 0.0
+
+        samples = [sample(started, 0.0)]
         metrics: Metrics = {}
         deadline = started + args.backlog_timeout
         while time.monotonic() < deadline and stack.procs["recorder"].poll() is None:
@@ -357,9 +361,7 @@ def backlog(args: argparse.Namespace) -> dict[str, Any]:
                 pass  # still starting, or too busy to answer in time: ask again
             else:
                 stored = _total(metrics, "skillgate_recorder_events_inserted_total")
-                samples.append(
-                    (time.monotonic(), stored, _cpu_seconds(pid), _cpu_seconds(broker) if broker else 0.0)
-                )
+                samples.append(sample(time.monotonic(), stored))
                 if stored >= total:
                     break
             time.sleep(0.5)  # polling a condition with a deadline (scrapes cost the recorder CPU)

@@ -413,16 +413,21 @@ class RecorderConsumer:
         (rejected, to be dead-lettered).
 
         Halving finds k bad events among n in about 2·k·log2(n/k) inserts; one by one, a full
-        batch of 10,000 would take ~1,000 s at ~0.1 s per insert on chDB. However long it takes, the
-        recorder stays a live group member: every ``ISOLATE_POLL_SECONDS`` it polls Kafka with
-        its partitions paused (what that fetches is kept for the next batch), so
+        batch of 10,000 would take ~1,000 s at ~0.1 s per insert on chDB. However long it takes,
+        the recorder stays a live group member: every ``ISOLATE_POLL_SECONDS`` it polls Kafka
+        with its partitions paused (what that fetches is kept for the next batch), so
         ``max_poll_interval`` never evicts it. Inserts are idempotent, so retrying a half that
         failed after storing some of its rows stores nothing twice; a refused event may still
         leave rows in the tables inserted before the one that refused it.
         """
+
+        def halves(part: Sequence[SourceRecord]) -> list[Sequence[SourceRecord]]:
+            # Second half first: pending is a stack, so the batch is inserted in order.
+            middle = len(part) // 2
+            return [part[middle:], part[:middle]]
+
         total = InsertStats()
-        middle = len(records) // 2
-        pending = [records[middle:], records[:middle]] if middle else [records]
+        pending = halves(records) if len(records) > 1 else [records]
         polled = time.monotonic()
         paused = False
         try:
@@ -434,8 +439,7 @@ class RecorderConsumer:
                     if len(part) == 1:
                         total.rejected.append((part[0], f"{type(exc).__name__}: {exc}"[:1000]))
                     else:
-                        middle = len(part) // 2
-                        pending.extend((part[middle:], part[:middle]))
+                        pending.extend(halves(part))
                 else:
                     total.merge(stats)
                 if pending and time.monotonic() - polled > ISOLATE_POLL_SECONDS:
@@ -443,7 +447,7 @@ class RecorderConsumer:
                     paused, polled = True, time.monotonic()
         finally:
             if paused:
-                self._kafka_consumer.resume(*self._kafka_consumer.assignment())
+                self._resume_all()
         return total
 
     async def _dead_letter(self, message: Message | None, reason: str) -> None:
@@ -518,18 +522,24 @@ class RecorderConsumer:
                     await self._idle(delay)
                     delay = min(delay * 2, self._settings.retry_max_backoff_seconds)
         finally:
-            if paused and self._consumer is not None:
-                self._consumer.resume(*self._consumer.assignment())
+            if paused:
+                self._resume_all()
 
     async def _poll_paused(self) -> None:
         """Poll Kafka with every partition paused: the group sees a live member, and what the
-        poll returns (fetched before the pause) is kept for the next batch. The caller resumes."""
+        poll returns (fetched before the pause) is kept for the next batch. The caller resumes
+        (:meth:`_resume_all`)."""
         consumer = self._kafka_consumer
         # Pause before every poll: a rebalance may have assigned new, unpaused partitions.
         consumer.pause(*consumer.assignment())
         fetched: dict[Any, list[Message]] = await consumer.getmany(timeout_ms=0)
         for messages in fetched.values():
             self._carry.extend(messages)
+
+    def _resume_all(self) -> None:
+        """Resume every assigned partition, after :meth:`_poll_paused`."""
+        if self._consumer is not None:
+            self._consumer.resume(*self._consumer.assignment())
 
     async def _idle(self, seconds: float) -> None:
         """Back off for ``seconds`` while staying a live group member and fetching nothing.

@@ -1057,17 +1057,16 @@ def test_streamed_chunks_tagged_by_the_forwarder_are_skipped_without_decoding() 
     """A chunk message (Kafka header) is consumed and committed but never decoded or stored."""
     from aiokafka.structs import ConsumerRecord
 
-    from services.recorder.consumer import RecorderConsumer
     from skillgate import topics
 
     kafka = KafkaSettings(topic_prefix="t.")
-    consumer = RecorderConsumer(None, kafka, RecorderSettings())  # type: ignore[arg-type]
+    recorder = consumer.RecorderConsumer(None, kafka, RecorderSettings())  # type: ignore[arg-type]
     topic = topics.name(kafka, topics.REPLIES)
 
     def message(offset: int, headers: list[tuple[str, bytes]]) -> ConsumerRecord[bytes, bytes]:
         return ConsumerRecord(topic, 0, offset, 0, 0, b"k", b"not avro", None, 1, 8, headers)
 
-    decoded, dead = consumer._decode([message(1, [(topics.KIND_HEADER, topics.CHUNK_KIND)]), message(2, [])])
+    decoded, dead = recorder._decode([message(1, [(topics.KIND_HEADER, topics.CHUNK_KIND)]), message(2, [])])
     assert decoded == []
     assert [m.offset for m, _ in dead] == [2]  # only the untagged garbage is dead-lettered
 

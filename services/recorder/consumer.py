@@ -25,17 +25,18 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeAlias, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from clickhouse_connect.driver.exceptions import DataError
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.recorder.alignment import TimeAlignedBuffer
 from services.recorder.config import RecorderSettings
 from services.recorder.handlers import SourceRecord
 from services.recorder.store import AuditStore, InsertStats, PreparedBatch
@@ -95,6 +96,13 @@ STOP_ATTEMPTS = 3
 #: While a refused batch is inserted by halves, how often the recorder polls Kafka (paused) to
 #: stay in its group: well under aiokafka's max_poll_interval (300 s).
 ISOLATE_POLL_SECONDS = 10.0
+#: How many messages a partition must have left in Kafka to count as behind, holding batches
+#: to the time frontier: a backlog, not the few messages that arrive while a fetch is answered
+#: (nor a gap compaction left at the end of a partition, which no fetch ever fills).
+ALIGN_MIN_LAG = 500
+#: With a backlog, a batch is pulled from the fetcher in this many parts (at least), so that no
+#: partition runs more than a part ahead of the frontier.
+ALIGN_PULLS = 20
 #: Errors that say the batch's data (not the store) is the problem: the batch is split to find
 #: the offending events instead of being retried forever.
 DATA_ERRORS = (TypeError, ValueError, OverflowError, DataError)
@@ -123,6 +131,20 @@ def _stored(message: Message) -> bool:
     )
 
 
+class _ForgetRevoked(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Drops revoked partitions from the buffer at once, before they may be assigned again and
+    read from the last commit (their buffered messages would then be read twice, out of order)."""
+
+    def __init__(self, buffer: TimeAlignedBuffer) -> None:
+        self._buffer = buffer
+
+    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        self._buffer.forget(revoked)
+
+    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        pass  # read from their committed offsets, as aiokafka does anyway
+
+
 class RecorderConsumer:
     """Consumes every skillgate topic and writes it to the audit store."""
 
@@ -142,9 +164,9 @@ class RecorderConsumer:
         self._producer: AIOKafkaProducer | None = None
         self._deadletterer: DeadLetterer | None = None
         self._stopping = asyncio.Event()
-        # Messages a poll returned while a retry had everything paused: never dropped, they
-        # open the next batch.
-        self._carry: list[Message] = []
+        #: Messages fetched and not yet in a batch (see _collect), also anything a poll returned
+        #: while a retry had everything paused: never dropped.
+        self._buffer = TimeAlignedBuffer(_stored)
         #: Messages this instance has committed past (for tests and logs).
         self.committed_messages = 0
 
@@ -162,10 +184,10 @@ class RecorderConsumer:
         self._consumer = make_consumer(
             self._kafka,
             self._settings.group_id,
-            *sorted(self._suffix),
             fetch_min_bytes=256 * 1024,
             fetch_max_wait_ms=min(MAX_FETCH_WAIT_MS, max(10, int(self._early_seconds * 1000))),
         )
+        self._consumer.subscribe(sorted(self._suffix), listener=_ForgetRevoked(self._buffer))
         try:
             await self._consumer.start()
         except BaseException:
@@ -243,39 +265,84 @@ class RecorderConsumer:
         return self._consumer
 
     async def _collect(self) -> list[Message]:
-        """Messages until the batch is full or due (:meth:`_due`)."""
+        """The next batch (see :mod:`services.recorder.alignment`).
+
+        Fetched messages wait in the buffer, at most two batches' worth. With no partition far
+        behind (the steady state), a batch is taken once ``batch_max_events`` messages are
+        buffered or the oldest is due (:meth:`_due`). With a backlog, messages are pulled only
+        from the partitions not ahead of the time frontier, a little at a time, and a batch is
+        taken once ``batch_max_events`` of them are up to the frontier, or the buffer is full,
+        or after ``batch_max_seconds`` of waiting for it (messages of a backlog are overdue
+        anyway); the same until every assigned partition has been fetched once (at a start or
+        after a rebalance), so the first batch of a backlog is cut in time too. A stop request
+        takes what is ready at once; the rest of the buffer is read again after a restart.
+        """
         consumer = self._kafka_consumer
-        batch: list[Message] = self._carry
-        self._carry = []
-        produced: float | None = self._produced(batch, time.monotonic()) if batch else None
-        # Streamed chunks and tombstones are consumed but not stored: they count toward the
-        # batch's size limit (memory) but not toward making it worth an early insert.
-        events = sum(1 for message in batch if _stored(message))
+        buffer = self._buffer
         limit = self._settings.batch_max_events
+        capacity = 2 * limit
+        patience = time.monotonic() + self._settings.batch_max_seconds
         while True:
-            if len(batch) >= limit:
-                return batch  # a carried-over batch may already be full
+            buffer.retain(consumer.assignment())
+            behind, unknown = await self._behind()
+            frontier = buffer.frontier(behind, self._settings.batch_max_seconds)
+            assigned = consumer.assignment()
+            due: float | None = None
+            if len(buffer):
+                now = time.monotonic()
+                due = self._due(self._produced(buffer.oldest_timestamp(), now), buffer.events)
+                if frontier is not None or unknown:
+                    # Behind, or not knowing yet which partitions are: a backlog is overdue
+                    # anyway, so the batch waits (up to patience) to be cut in time.
+                    due = max(due, patience)
+                if (
+                    now >= due
+                    or self._stopping.is_set()
+                    or len(buffer) >= capacity
+                    or buffer.ready(frontier) >= limit
+                ):
+                    return buffer.take(limit, frontier)
             # Rounded up: rounding down would poll without waiting in the last millisecond.
-            wait_ms = (
-                STOP_POLL_MS
-                if produced is None
-                else math.ceil((self._due(produced, events) - time.monotonic()) * 1000)
-            )
+            wait_ms = STOP_POLL_MS if due is None else math.ceil((due - time.monotonic()) * 1000)
+            room = capacity - len(buffer)
+            if frontier is not None or unknown:
+                # Small pulls keep any one partition from running far ahead (and, until every
+                # partition has been fetched once, from filling the buffer before it is known
+                # which are behind).
+                room = min(room, max(1, limit // ALIGN_PULLS))
+            wanted: list[TopicPartition] = []
+            if frontier is not None:
+                # What aiokafka fetched for the partitions ahead stays in its buffer meanwhile
+                # (it fetches a partition again only once that is consumed): nothing is dropped
+                # or fetched twice. (Never empty, as no partition is ahead of the frontier it
+                # sets; an empty list would mean every partition to aiokafka.)
+                wanted = sorted(assigned - buffer.ahead(frontier))
             fetched = await consumer.getmany(
-                timeout_ms=min(STOP_POLL_MS, max(0, wait_ms)), max_records=limit - len(batch)
+                *wanted, timeout_ms=min(STOP_POLL_MS, max(0, wait_ms)), max_records=room
             )
-            now = time.monotonic()
-            for messages in fetched.values():
-                if messages:
-                    oldest = self._produced(messages, now)
-                    produced = oldest if produced is None else min(produced, oldest)
-                    events += sum(1 for message in messages if _stored(message))
-                    batch.extend(messages)
-            if not batch:
-                return batch  # idle: let run() check for a stop request
-            assert produced is not None
-            if len(batch) >= limit or now >= self._due(produced, events) or self._stopping.is_set():
-                return batch
+            for partition, messages in fetched.items():
+                buffer.add(partition, messages)
+            if not len(buffer):
+                return []  # idle: let run() check for a stop request
+
+    async def _behind(self) -> tuple[list[TopicPartition], bool]:
+        """The assigned partitions with at least ``ALIGN_MIN_LAG`` messages in Kafka past this
+        consumer's position (high watermarks as of the last fetch), and whether any assigned
+        partition has not been fetched yet (its high watermark unknown)."""
+        consumer = self._kafka_consumer
+        # High watermarks first, all at once: aiokafka answers only for assigned partitions,
+        # and a rebalance can only come while position() below waits (a reset of an offset).
+        assigned = consumer.assignment()
+        ends = {p: end for p in assigned if (end := consumer.highwater(p)) is not None}
+        behind: list[TopicPartition] = []
+        for partition, end in ends.items():
+            try:
+                position = await consumer.position(partition)
+            except IllegalStateError:
+                continue  # revoked while an earlier position() waited
+            if end - position >= ALIGN_MIN_LAG:
+                behind.append(partition)
+        return behind, len(ends) < len(assigned)
 
     def _due(self, produced: float, size: int) -> float:
         """When a batch of ``size`` events to store, whose oldest message was produced at
@@ -297,13 +364,12 @@ class RecorderConsumer:
     def _early_seconds(self) -> float:
         return min(self._settings.batch_early_seconds, self._settings.batch_max_seconds)
 
-    def _produced(self, messages: Sequence[Message], now: float) -> float:
-        """When the oldest of ``messages`` was produced, on the monotonic clock, from its Kafka
-        timestamp; never later than ``now`` (a producer clock ahead of ours), never earlier than
-        one ``batch_max_seconds`` before it (so no batch is due before it was read). Messages
-        without a timestamp (``-1``) are left out; when none has one, they count as produced now.
+    def _produced(self, oldest_ms: int, now: float) -> float:
+        """When the oldest buffered message was produced, on the monotonic clock, from its Kafka
+        timestamp ``oldest_ms``; never later than ``now`` (a producer clock ahead of ours), never
+        earlier than one ``batch_max_seconds`` before it (so no batch is due before it was read).
+        0 (no message has a timestamp) counts as produced now.
         """
-        oldest_ms = min((m.timestamp for m in messages if m.timestamp > 0), default=0)
         age = time.time() - oldest_ms / 1000 if oldest_ms > 0 else 0.0
         return now - min(self._settings.batch_max_seconds, max(0.0, age))
 
@@ -526,15 +592,17 @@ class RecorderConsumer:
                 self._resume_all()
 
     async def _poll_paused(self) -> None:
-        """Poll Kafka with every partition paused: the group sees a live member, and what the
-        poll returns (fetched before the pause) is kept for the next batch. The caller resumes
+        """Poll Kafka with every partition paused: the group sees a live member. aiokafka returns
+        nothing of a paused partition (it drops what it had fetched, to fetch it again once
+        resumed); whatever a poll does return is kept for the next batch. The caller resumes
         (:meth:`_resume_all`)."""
         consumer = self._kafka_consumer
         # Pause before every poll: a rebalance may have assigned new, unpaused partitions.
         consumer.pause(*consumer.assignment())
-        fetched: dict[Any, list[Message]] = await consumer.getmany(timeout_ms=0)
-        for messages in fetched.values():
-            self._carry.extend(messages)
+        room = max(1, 2 * self._settings.batch_max_events - len(self._buffer))
+        fetched: dict[Any, list[Message]] = await consumer.getmany(timeout_ms=0, max_records=room)
+        for partition, messages in fetched.items():
+            self._buffer.add(partition, messages)
 
     def _resume_all(self) -> None:
         """Resume every assigned partition, after :meth:`_poll_paused`."""

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from services.recorder import consumer
+from services.recorder.alignment import TimeAlignedBuffer
 from services.recorder.config import RecorderSettings
 from skillgate import topics
 
@@ -39,7 +40,19 @@ class _Fetcher:
         #: Hold an empty fetch for its whole timeout, as the broker does (else 10 ms at most).
         self.hold = hold
 
-    async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[Any, list[_Message]]:
+    def assignment(self) -> set[Any]:
+        return {("t", 0)}
+
+    def highwater(self, partition: Any) -> int:
+        return 0  # with position() below: never behind, batches are cut by size and time only
+
+    async def position(self, partition: Any) -> int:
+        return 0
+
+    async def getmany(
+        self, *partitions: Any, timeout_ms: int = 0, max_records: int | None = None
+    ) -> dict[Any, list[_Message]]:
+        assert not partitions  # nothing behind: every partition is read
         assert timeout_ms >= 0
         assert max_records is None or max_records >= 1  # aiokafka raises ValueError otherwise
         self.timeouts.append(timeout_ms)
@@ -63,7 +76,7 @@ def _consumer(fetcher: _Fetcher, window: float = WINDOW, max_events: int = 5000)
         batch_max_events=max_events,
     )
     c._consumer = fetcher
-    c._carry = []
+    c._buffer = TimeAlignedBuffer(consumer._stored)
     c._stopping = asyncio.Event()
     return c
 
@@ -141,7 +154,7 @@ async def test_a_small_batch_waits_past_the_early_window(unstored: int) -> None:
 async def test_a_full_carried_over_batch_is_returned_without_fetching() -> None:
     fetcher = _Fetcher()
     c = _consumer(fetcher, max_events=4)
-    c._carry = [_at(0.0, n) for n in range(4)]
+    c._buffer.add(("t", 0), [_at(0.0, n) for n in range(4)])
     batch = await asyncio.wait_for(c._collect(), timeout=WINDOW / 2)
     assert [m.offset for m in batch] == [0, 1, 2, 3]
     assert fetcher.timeouts == []
@@ -161,20 +174,24 @@ async def test_a_full_carried_over_batch_is_returned_without_fetching() -> None:
 def test_due_counts_from_production(produced_ago: float, size: int, expected_left: float) -> None:
     c = _consumer(_Fetcher())
     now = time.monotonic()
-    left = c._due(c._produced([_at(produced_ago)], now), size) - now
+    left = c._due(c._produced(_at(produced_ago).timestamp, now), size) - now
     assert left == pytest.approx(expected_left, abs=0.05)
 
 
 def test_the_oldest_message_counts_and_missing_timestamps_do_not() -> None:
     c = _consumer(_Fetcher())
     now = time.monotonic()
-    assert c._produced([_at(0.0, 0), _at(WINDOW, 1)], now) == pytest.approx(now - WINDOW, abs=0.05)
+
+    def produced(*messages: _Message) -> float:
+        buffer = TimeAlignedBuffer()
+        buffer.add(("t", 0), messages)
+        return c._produced(buffer.oldest_timestamp(), now)
+
+    assert produced(_at(0.0, 0), _at(WINDOW, 1)) == pytest.approx(now - WINDOW, abs=0.05)
     # A message without a timestamp does not hide an older one beside it ...
-    assert c._produced([_Message(0, -1), _at(WINDOW / 2, 1)], now) == pytest.approx(
-        now - WINDOW / 2, abs=0.05
-    )
+    assert produced(_Message(0, -1), _at(WINDOW / 2, 1)) == pytest.approx(now - WINDOW / 2, abs=0.05)
     # ... and alone counts as produced now.
-    assert c._produced([_Message(0, -1)], now) == pytest.approx(now, abs=0.05)
+    assert produced(_Message(0, -1)) == pytest.approx(now, abs=0.05)
 
 
 def test_the_early_window_never_exceeds_the_full_one() -> None:
@@ -198,11 +215,93 @@ async def test_messages_fetched_as_the_stop_comes_are_kept() -> None:
 
     class _StopDuringFetch(_Fetcher):
         async def getmany(
-            self, timeout_ms: int = 0, max_records: int | None = None
+            self, *partitions: Any, timeout_ms: int = 0, max_records: int | None = None
         ) -> dict[Any, list[_Message]]:
             c._stopping.set()  # the stop request arrives while this fetch is under way
-            return await super().getmany(timeout_ms, max_records)
+            return await super().getmany(*partitions, timeout_ms=timeout_ms, max_records=max_records)
 
     c._consumer = _StopDuringFetch([_at(0.0, 7)])
     batch = await asyncio.wait_for(c._collect(), timeout=WINDOW / 2)
     assert [m.offset for m in batch] == [7]
+
+
+@dataclass
+class _Event:
+    """A message of a call: ``call`` says which, ``timestamp`` is the call's time on every topic."""
+
+    offset: int
+    timestamp: int
+    call: int
+    headers: tuple[tuple[str, bytes], ...] = ()
+    value: bytes | None = b"event"
+
+
+class _Backlog:
+    """Partitions with a backlog in Kafka, handed out like aiokafka's fetcher does: partition
+    after partition, whatever their timestamps, as much as ``max_records`` allows."""
+
+    def __init__(self, logs: dict[str, list[_Event]]) -> None:
+        self.logs = logs
+        self.read = dict.fromkeys(logs, 0)
+
+    def assignment(self) -> set[str]:
+        return set(self.logs)
+
+    def highwater(self, partition: str) -> int:
+        return len(self.logs[partition])
+
+    async def position(self, partition: str) -> int:
+        return self.read[partition]
+
+    async def getmany(
+        self, *partitions: str, timeout_ms: int = 0, max_records: int | None = None
+    ) -> dict[str, list[_Event]]:
+        budget = max_records or 10**9
+        out: dict[str, list[_Event]] = {}
+        for partition in partitions or sorted(self.logs):
+            start = self.read[partition]
+            chunk = self.logs[partition][start : start + budget]
+            if chunk:
+                out[partition] = chunk
+                self.read[partition] += len(chunk)
+                budget -= len(chunk)
+            if not budget:
+                break
+        return out
+
+
+async def test_with_a_backlog_a_batch_holds_whole_calls_across_topics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 300 calls, each an event on three topics at the same time: read partition by partition,
+    # a 90-event batch would be 90 calls' "completed" events; cut at the time frontier it is
+    # 30 whole calls, in time order.
+    monkeypatch.setattr(consumer, "ALIGN_MIN_LAG", 1)
+    base = int(time.time() * 1000) - 60_000  # a backlog: long overdue
+    logs = {
+        topic: [_Event(offset=i, timestamp=base + i, call=i) for i in range(300)]
+        for topic in ("calls.completed", "calls.decided", "calls.submitted")
+    }
+    c = _consumer(_Fetcher(), max_events=90)
+    c._consumer = _Backlog(logs)
+    c._buffer = TimeAlignedBuffer(consumer._stored)
+    for first in (0, 30, 60):
+        batch = await asyncio.wait_for(c._collect(), timeout=WINDOW / 2)
+        calls = sorted(m.call for m in batch)
+        assert calls == sorted(list(range(first, first + 30)) * 3)
+    assert len(c._buffer) <= 2 * 90  # never more than two batches buffered
+
+
+async def test_without_a_backlog_batches_are_cut_by_size_as_read() -> None:
+    # Every partition read to its end (nothing behind): no frontier, the batch is the oldest
+    # messages buffered, whichever topic they came from.
+    base = int(time.time() * 1000) - 60_000
+    logs = {
+        "a": [_Event(i, base + i, i) for i in range(5)],
+        "b": [_Event(i, base + 100 + i, i) for i in range(5)],
+    }
+    c = _consumer(_Fetcher(), max_events=6)
+    c._consumer = _Backlog(logs)
+    c._buffer = TimeAlignedBuffer(consumer._stored)
+    batch = await asyncio.wait_for(c._collect(), timeout=WINDOW / 2)
+    assert [(m.timestamp - base) for m in batch] == [0, 1, 2, 3, 4, 100]

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from services.recorder import consumer
+from services.recorder.alignment import TimeAlignedBuffer
 from services.recorder.config import RecorderSettings
 from services.recorder.store import InsertStats, PreparedBatch, StalePrepared
 
@@ -78,7 +79,7 @@ async def _run(store: RecordingStore, batches: int) -> list[int]:
     c = consumer.RecorderConsumer.__new__(consumer.RecorderConsumer)
     c._store = store  # type: ignore[assignment]
     c._stopping = asyncio.Event()
-    c._carry = []
+    c._buffer = TimeAlignedBuffer()
     c._settings = RecorderSettings(retry_max_backoff_seconds=0.01)
     c._consumer = None
     source = iter(range(1, batches + 1))

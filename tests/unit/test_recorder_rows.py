@@ -15,9 +15,11 @@ from typing import Any
 
 import orjson
 import pytest
+from aiokafka.structs import ConsumerRecord
 from clickhouse_connect.driver.exceptions import DataError
 
 from services.recorder import consumer, handlers, records
+from services.recorder.alignment import TimeAlignedBuffer
 from services.recorder.app import FingerprintKeyError, serve
 from services.recorder.config import ClickHouseSettings, RecorderSettings
 from services.recorder.handlers import SourceRecord
@@ -1055,7 +1057,6 @@ def test_calls_recorded_before_call_records_existed_are_backfilled(tmp_path: Pat
 
 def test_streamed_chunks_tagged_by_the_forwarder_are_skipped_without_decoding() -> None:
     """A chunk message (Kafka header) is consumed and committed but never decoded or stored."""
-    from aiokafka.structs import ConsumerRecord
 
     from skillgate import topics
 
@@ -1087,10 +1088,14 @@ class _PausedKafka:
     def resume(self, *partitions: str) -> None:
         self.paused -= set(partitions)
 
-    async def getmany(self, timeout_ms: int = 0) -> dict[str, list[str]]:
+    async def getmany(
+        self, timeout_ms: int = 0, max_records: int | None = None
+    ) -> dict[str, list[ConsumerRecord[bytes, bytes]]]:
         assert self.paused == self.assignment()  # polled only to stay in the group
         self.polls += 1
-        return {"t-0": [f"fetched-before-the-pause-{self.polls}"]}
+        # A message fetched before the pause, returned by this poll.
+        fetched = ConsumerRecord("t", 0, self.polls, 0, 0, b"k", b"v", None, 1, 1, [])
+        return {"t-0": [fetched]}
 
 
 def test_a_refused_batch_is_halved_down_to_the_event_clickhouse_refuses(
@@ -1113,7 +1118,8 @@ def test_a_refused_batch_is_halved_down_to_the_event_clickhouse_refuses(
     recorder = consumer.RecorderConsumer.__new__(consumer.RecorderConsumer)
     recorder._store = store
     recorder._consumer = kafka = _PausedKafka()
-    recorder._carry = []
+    recorder._buffer = TimeAlignedBuffer()
+    recorder._settings = RecorderSettings()
     monkeypatch.setattr(store, "insert_batch", counted)
     monkeypatch.setattr(consumer, "ISOLATE_POLL_SECONDS", 0.0)  # poll after every insert
     stats = asyncio.run(recorder._isolate(batch))
@@ -1124,4 +1130,4 @@ def test_a_refused_batch_is_halved_down_to_the_event_clickhouse_refuses(
     stored = {str(row[0]) for row in store.query("SELECT event_id FROM events").rows}
     assert stored == {str(r.event["event_id"]) for r in batch if r is not bad}
     assert kafka.polls == len(sizes) - 1 and not kafka.paused  # polled between inserts, resumed
-    assert len(recorder._carry) == kafka.polls  # what the polls returned is kept for later
+    assert len(recorder._buffer) == kafka.polls  # what the polls returned is kept for later

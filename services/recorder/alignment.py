@@ -72,14 +72,16 @@ class TimeAlignedBuffer:
         part = self._parts.get(partition)
         if part is None:
             part = self._parts[partition] = _Buffered()
+        before = self._size
         for message in messages:
-            part.heard = time.monotonic()
             part.messages.append(message)
             part.read_until = max(part.read_until, message.timestamp)
             self._size += 1
             self.events += self._counts(message)
             if message.timestamp > 0 and (self._oldest == 0 or message.timestamp < self._oldest):
                 self._oldest = message.timestamp
+        if self._size > before:
+            part.heard = time.monotonic()
 
     def oldest_timestamp(self) -> int:
         """The earliest timestamp (ms) of a buffered message; 0 when none has one (Kafka gives

@@ -1,6 +1,7 @@
-"""When the recorder inserts a batch: full, or due by the age of its oldest event and its size.
+"""When the recorder inserts a batch: full, or due by the age of its oldest event and its size;
+and, with a backlog, which messages it holds (cut at a common time across partitions).
 
-A scripted fetcher stands in for aiokafka's (what is tested is how ``_collect`` decides to stop
+Scripted fetchers stand in for aiokafka's (what is tested is how ``_collect`` decides to stop
 collecting; the real consumer is exercised in tests/integration/test_recorder_pipeline.py).
 """
 
@@ -293,8 +294,8 @@ async def test_with_a_backlog_a_batch_holds_whole_calls_across_topics(
 
 
 async def test_without_a_backlog_batches_are_cut_by_size_as_read() -> None:
-    # Every partition read to its end (nothing behind): no frontier, the batch is the oldest
-    # messages buffered, whichever topic they came from.
+    # No partition far behind (5 messages, fewer than ALIGN_MIN_LAG): no frontier, the batch is
+    # the oldest messages buffered, whichever topic they came from.
     base = int(time.time() * 1000) - 60_000
     logs = {
         "a": [_Event(i, base + i, i) for i in range(5)],

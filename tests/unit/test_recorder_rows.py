@@ -1057,7 +1057,6 @@ def test_calls_recorded_before_call_records_existed_are_backfilled(tmp_path: Pat
 
 def test_streamed_chunks_tagged_by_the_forwarder_are_skipped_without_decoding() -> None:
     """A chunk message (Kafka header) is consumed and committed but never decoded or stored."""
-
     from skillgate import topics
 
     kafka = KafkaSettings(topic_prefix="t.")
@@ -1093,7 +1092,7 @@ class _PausedKafka:
     ) -> dict[str, list[ConsumerRecord[bytes, bytes]]]:
         assert self.paused == self.assignment()  # polled only to stay in the group
         self.polls += 1
-        # A message fetched before the pause, returned by this poll.
+        # What a paused poll can still return (aiokafka: a partition assigned since the pause).
         fetched = ConsumerRecord("t", 0, self.polls, 0, 0, b"k", b"v", None, 1, 1, [])
         return {"t-0": [fetched]}
 

@@ -281,7 +281,11 @@ class RecorderConsumer:
         buffer = self._buffer
         limit = self._settings.batch_max_events
         capacity = 2 * limit
-        patience = time.monotonic() + self._settings.batch_max_seconds
+        started = time.monotonic()
+        patience = started + self._settings.batch_max_seconds
+        # When the oldest message was produced, fixed as messages are read: worked out again at
+        # every pass, a timestamp ahead of this clock (or none) would move the due time on.
+        produced = self._produced(buffer.oldest_timestamp(), started) if len(buffer) else math.inf
         while True:
             buffer.retain(consumer.assignment())
             behind, unknown = await self._behind()
@@ -290,7 +294,7 @@ class RecorderConsumer:
             due: float | None = None
             if len(buffer):
                 now = time.monotonic()
-                due = self._due(self._produced(buffer.oldest_timestamp(), now), buffer.events)
+                due = self._due(produced, buffer.events)
                 if frontier is not None or unknown:
                     # Behind, or not knowing yet which partitions are: a backlog is overdue
                     # anyway, so the batch waits (up to patience) to be cut in time.
@@ -320,8 +324,12 @@ class RecorderConsumer:
             fetched = await consumer.getmany(
                 *wanted, timeout_ms=min(STOP_POLL_MS, max(0, wait_ms)), max_records=room
             )
+            read_at = time.monotonic()
             for partition, messages in fetched.items():
-                buffer.add(partition, messages)
+                if messages:
+                    buffer.add(partition, messages)
+                    oldest_ms = min((m.timestamp for m in messages if m.timestamp > 0), default=0)
+                    produced = min(produced, self._produced(oldest_ms, read_at))
             if not len(buffer):
                 return []  # idle: let run() check for a stop request
 

@@ -161,6 +161,16 @@ async def test_a_full_carried_over_batch_is_returned_without_fetching() -> None:
     assert fetcher.timeouts == []
 
 
+async def test_a_timestamp_ahead_of_our_clock_does_not_put_the_batch_off() -> None:
+    # A producer clock a minute ahead: the message counts as produced when it was read, once;
+    # worked out again at every poll it would stay a window away for good.
+    fetcher = _Fetcher([_at(-60.0, 0)])
+    started = time.monotonic()
+    batch = await asyncio.wait_for(_consumer(fetcher, window=0.3)._collect(), timeout=WINDOW / 2)
+    assert [m.offset for m in batch] == [0]
+    assert time.monotonic() - started < WINDOW / 4
+
+
 @pytest.mark.parametrize(
     ("produced_ago", "size", "expected_left"),
     [

@@ -52,6 +52,7 @@ import httpx
 import orjson
 
 from bench.audit_events import conversations, records
+from bench.procstat import cpu_seconds
 from services.cli.stack import Stack, StackPorts
 from services.recorder.config import ClickHouseSettings, RetentionSettings
 from services.recorder.handlers import SourceRecord
@@ -321,12 +322,6 @@ def through_kafka(args: argparse.Namespace) -> dict[str, Any]:
         }
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used so far (Linux ``/proc``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def backlog(args: argparse.Namespace) -> dict[str, Any]:
     """The recorder catching up on ``--backlog`` calls already in Kafka: its ingest through
     Kafka (consuming, decoding, preparing, inserting, committing) with no producer competing
@@ -349,7 +344,7 @@ def backlog(args: argparse.Namespace) -> dict[str, Any]:
 
         def sample(at: float, stored: float) -> tuple[float, float, float, float]:
             """(time, events stored, recorder CPU s, broker CPU s)"""
-            return at, stored, _cpu_seconds(pid), _cpu_seconds(broker) if broker else 0.0
+            return at, stored, cpu_seconds(pid), cpu_seconds(broker) if broker else 0.0
 
         samples = [sample(started, 0.0)]
         metrics: Metrics = {}

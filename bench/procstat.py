@@ -32,6 +32,23 @@ class ProcSample:
     cpu_s: float
 
 
+def _parse_stat(text: str) -> tuple[str, list[str]]:
+    """A ``/proc/<pid>/stat`` line as (command name, the fields after it)."""
+    # "pid (comm) state ppid pgrp ...": the name may hold spaces and parentheses.
+    left, right = text.find("("), text.rfind(")")
+    return text[left + 1 : right], text[right + 2 :].split()
+
+
+def _cpu(fields: list[str]) -> float:
+    """User + system CPU seconds from the fields of :func:`_parse_stat` (all threads)."""
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds one process has used so far (all threads)."""
+    return _cpu(_parse_stat((_PROC / str(pid) / "stat").read_text())[1])
+
+
 def snapshot() -> dict[int, ProcSample]:
     """Every live process's group, name and CPU seconds (user + system, all threads)."""
     out: dict[int, ProcSample] = {}
@@ -42,11 +59,8 @@ def snapshot() -> dict[int, ProcSample]:
             text = (entry / "stat").read_text()
         except OSError:  # the process ended while we looked
             continue
-        # "pid (comm) state ppid pgrp ...": the name may hold spaces and parentheses.
-        left, right = text.find("("), text.rfind(")")
-        fields = text[right + 2 :].split()
-        cpu = (int(fields[11]) + int(fields[12])) / _CLK_TCK
-        out[int(entry.name)] = ProcSample(int(fields[2]), text[left + 1 : right], cpu)
+        comm, fields = _parse_stat(text)
+        out[int(entry.name)] = ProcSample(int(fields[2]), comm, _cpu(fields))
     return out
 
 

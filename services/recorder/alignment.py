@@ -62,7 +62,6 @@ class TimeAlignedBuffer:
         self._size = 0
         #: Buffered messages for which ``counts`` is true.
         self.events = 0
-        self._oldest = 0
 
     def __len__(self) -> int:
         return self._size
@@ -78,15 +77,16 @@ class TimeAlignedBuffer:
             part.read_until = max(part.read_until, message.timestamp)
             self._size += 1
             self.events += self._counts(message)
-            if message.timestamp > 0 and (self._oldest == 0 or message.timestamp < self._oldest):
-                self._oldest = message.timestamp
         if self._size > before:
             part.heard = time.monotonic()
 
     def oldest_timestamp(self) -> int:
         """The earliest timestamp (ms) of a buffered message; 0 when none has one (Kafka gives
-        ``-1`` to a message without one)."""
-        return self._oldest
+        ``-1`` to a message without one). A scan: the consumer asks once per batch."""
+        return min(
+            (m.timestamp for part in self._parts.values() for m in part.messages if m.timestamp > 0),
+            default=0,
+        )
 
     def frontier(self, behind: Iterable[Partition], quiet: float) -> int | None:
         """The time (ms) up to which every partition still behind has been read, or None when
@@ -141,8 +141,6 @@ class TimeAlignedBuffer:
         for part in gone:
             self._size -= len(part.messages)
             self.events -= sum(map(self._counts, part.messages))
-        if gone:
-            self._oldest = self._oldest_buffered()
 
     def take(self, limit: int, frontier: int | None) -> list[Message]:
         """Remove and return up to ``limit`` messages, oldest first, up to the frontier.
@@ -167,14 +165,7 @@ class TimeAlignedBuffer:
             for _ in range(n):
                 self.events -= self._counts(part.messages.popleft())
         self._size -= len(batch)
-        self._oldest = self._oldest_buffered()
         return batch
-
-    def _oldest_buffered(self) -> int:
-        return min(
-            (m.timestamp for part in self._parts.values() for m in part.messages if m.timestamp > 0),
-            default=0,
-        )
 
     @staticmethod
     def _ordered(index: int, part: _Buffered, count: int) -> Iterator[tuple[tuple[int, int, int], Message]]:

@@ -52,7 +52,7 @@ import httpx
 import orjson
 
 from bench.audit_events import conversations, records
-from bench.procstat import cpu_seconds
+from bench.procstat import cpu_seconds, peak_rss_mib
 from services.cli.stack import Stack, StackPorts
 from services.recorder.config import ClickHouseSettings, RetentionSettings
 from services.recorder.handlers import SourceRecord
@@ -360,6 +360,7 @@ def backlog(args: argparse.Namespace) -> dict[str, Any]:
                 if stored >= total:
                     break
             time.sleep(0.5)  # polling a condition with a deadline (scrapes cost the recorder CPU)
+        peak_rss = peak_rss_mib(pid) if stack.procs["recorder"].poll() is None else None
         last = samples[-1]
         first = next((s for s in samples if s[1] > 0), last)
         span = last[0] - first[0]
@@ -377,6 +378,7 @@ def backlog(args: argparse.Namespace) -> dict[str, Any]:
             "recorder_cores": round((last[2] - first[2]) / span, 2) if span > 0 else None,
             "broker_cores": round((last[3] - first[3]) / span, 2) if span > 0 and broker else None,
             "recorder_batch_size_mean": _mean(metrics, "skillgate_recorder_batch_size"),
+            "recorder_peak_rss_mib": round(peak_rss) if peak_rss is not None else None,
         }
 
 

@@ -49,6 +49,14 @@ def cpu_seconds(pid: int) -> float:
     return _cpu(_parse_stat((_PROC / str(pid) / "stat").read_text())[1])
 
 
+def peak_rss_mib(pid: int) -> float:
+    """The most memory one process has held resident so far (``VmHWM``), in MiB."""
+    for line in (_PROC / str(pid) / "status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # reported in kB
+    raise ValueError(f"no VmHWM in /proc/{pid}/status")
+
+
 def snapshot() -> dict[int, ProcSample]:
     """Every live process's group, name and CPU seconds (user + system, all threads)."""
     out: dict[int, ProcSample] = {}

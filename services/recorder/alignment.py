@@ -11,10 +11,13 @@ as raw ``call_parts`` rows up to three times.
 Kafka Streams meets the same problem by picking records in timestamp order across its partition
 buffers and not reading more of the partitions that run ahead; this buffer does that per batch:
 
-* the **frontier** is the earliest time up to which every partition that still has data in
-  Kafka has been read (a partition that is caught up does not hold it back);
+* a partition is **behind** when it has a backlog in Kafka (:meth:`TimeAlignedBuffer.behind`,
+  from its high watermark and how far it was read); the others are caught up;
+* the **frontier** is the earliest time up to which every partition behind has been read;
 * a batch takes the buffered messages up to the frontier, oldest first, each partition's in
-  offset order, so the events of the calls in that time range meet in one batch;
+  offset order, so the events of the calls in that time range meet in one batch; what came from
+  the partitions caught up is taken whatever its time, and first (live traffic is not held back
+  while one partition catches up, say after its leader came back);
 * the consumer pulls more only from the partitions not past the frontier
   (:meth:`TimeAlignedBuffer.ahead` are left in aiokafka's fetch buffer meanwhile).
 
@@ -31,7 +34,7 @@ import heapq
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Container, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,8 +51,22 @@ class _Buffered:
     messages: deque[Message] = field(default_factory=deque)
     #: The latest timestamp (ms) read from the partition so far (0: nothing read yet).
     read_until: int = 0
-    #: When data last came from the partition (monotonic clock), or when it was first seen.
+    #: When data last came from the partition (monotonic clock), or when it was assigned.
     heard: float = 0.0
+    #: The offset after the last message read since the partition was assigned (None: none
+    #: read yet). The consumer's position, known without asking aiokafka, which waits for a
+    #: leader when the position must be reset.
+    position: int | None = None
+
+
+@dataclass(frozen=True)
+class Frontier:
+    """Where a batch is cut: at ``time`` for the partitions in ``holds`` (those behind), not at
+    all for the others."""
+
+    #: The time (ms) up to which every partition in ``holds`` has been read.
+    time: int
+    holds: frozenset[Partition]
 
 
 class TimeAlignedBuffer:
@@ -79,6 +96,46 @@ class TimeAlignedBuffer:
             self.events += self._counts(message)
         if self._size > before:
             part.heard = time.monotonic()
+            part.position = part.messages[-1].offset + 1
+
+    def assign(self, partitions: Iterable[Partition]) -> None:
+        """Start ``partitions`` afresh, as assigned just now: nothing read, not heard from since
+        now. (aiokafka reads them from the last commit; anything still buffered of them would be
+        read twice.)"""
+        partitions = list(partitions)
+        self.forget(partitions)
+        now = time.monotonic()
+        for partition in partitions:
+            self._parts[partition] = _Buffered(heard=now)
+
+    def behind(
+        self, ends: Mapping[Partition, int | None], min_lag: int, grace: float
+    ) -> tuple[list[Partition], bool]:
+        """The partitions behind, and whether the backlog of any is not known yet.
+
+        ``ends`` are the assigned partitions' high watermarks (None until a fetch answered).
+        A partition is behind when at least ``min_lag`` messages lie between where it was read
+        to and its high watermark. Until both are known (a message read since its assignment),
+        its backlog is unknown: for ``grace`` seconds after its assignment it then counts as
+        behind and not read yet, so that it holds the frontier at its start (a backlog's first
+        batch is cut in time too, not by which partition answered first); after that as caught
+        up, so that a partition that sends nothing (idle, or its leader down) never holds the
+        others back for longer.
+        """
+        now = time.monotonic()
+        behind: list[Partition] = []
+        unknown = False
+        for partition, end in ends.items():
+            part = self._parts.get(partition)
+            if part is None:
+                part = self._parts[partition] = _Buffered(heard=now)
+            if end is not None and part.position is not None:
+                if end - part.position >= min_lag:
+                    behind.append(partition)
+            elif now - part.heard <= grace:
+                behind.append(partition)
+                unknown = True
+        return behind, unknown
 
     def oldest_timestamp(self) -> int:
         """The earliest timestamp (ms) of a buffered message; 0 when none has one (Kafka gives
@@ -88,47 +145,48 @@ class TimeAlignedBuffer:
             default=0,
         )
 
-    def frontier(self, behind: Iterable[Partition], quiet: float) -> int | None:
-        """The time (ms) up to which every partition still behind has been read, or None when
-        none is behind.
+    def frontier(self, behind: Iterable[Partition], quiet: float) -> Frontier | None:
+        """The time up to which every partition still behind has been read, or None when none
+        is behind.
 
-        ``behind`` are the partitions with a backlog in Kafka (the consumer knows it from their
-        high watermarks and its positions); one not read yet holds the frontier at its start.
-        A partition behind whose buffer is empty and that has sent nothing for ``quiet``
-        seconds no longer counts until it does: whatever the reason (a gap compaction left at
-        its end, a fetch that keeps failing), it must not stop the others being read.
+        ``behind`` are the partitions with a backlog in Kafka (:meth:`behind`); one not read yet
+        holds the frontier at its start. A partition behind whose buffer is empty and that has
+        sent nothing for ``quiet`` seconds no longer counts until it does: whatever the reason
+        (a gap compaction left at its end, a fetch that keeps failing), it must not stop the
+        others being read.
         """
         now = time.monotonic()
-        times = []
+        holds: dict[Partition, int] = {}
         for partition in behind:
             part = self._parts.get(partition)
             if part is None:
                 part = self._parts[partition] = _Buffered(heard=now)
             if part.messages or now - part.heard <= quiet:
-                times.append(part.read_until)
-        return min(times) if times else None
+                holds[partition] = part.read_until
+        return Frontier(min(holds.values()), frozenset(holds)) if holds else None
 
-    def _ready(self, part: _Buffered, frontier: int | None) -> int:
+    @staticmethod
+    def _ready(partition: Partition, part: _Buffered, frontier: Frontier | None) -> int:
         """How many of a partition's buffered messages, from the first, are up to the frontier."""
-        if frontier is None:
+        if frontier is None or partition not in frontier.holds:
             return len(part.messages)
         count = 0
         for message in part.messages:
-            if message.timestamp > frontier:
+            if message.timestamp > frontier.time:
                 break
             count += 1
         return count
 
-    def ready(self, frontier: int | None) -> int:
+    def ready(self, frontier: Frontier | None) -> int:
         """How many buffered messages a batch cut at ``frontier`` may take."""
-        return sum(self._ready(part, frontier) for part in self._parts.values())
+        return sum(self._ready(p, part, frontier) for p, part in self._parts.items())
 
-    def ahead(self, frontier: int | None) -> set[Partition]:
-        """The partitions read past the frontier: reading more of them only grows the buffer,
-        so the consumer reads the others until they catch up."""
+    def ahead(self, frontier: Frontier | None) -> set[Partition]:
+        """The partitions behind that were read past the frontier: reading more of them only
+        grows the buffer, so the consumer reads the others until they catch up."""
         if frontier is None:
             return set()
-        return {p for p, part in self._parts.items() if part.read_until > frontier}
+        return {p for p in frontier.holds if (part := self._parts.get(p)) and part.read_until > frontier.time}
 
     def retain(self, assigned: Container[Partition]) -> None:
         """Forget the partitions not in ``assigned`` (see :meth:`forget`)."""
@@ -142,20 +200,25 @@ class TimeAlignedBuffer:
             self._size -= len(part.messages)
             self.events -= sum(map(self._counts, part.messages))
 
-    def take(self, limit: int, frontier: int | None) -> list[Message]:
-        """Remove and return up to ``limit`` messages, oldest first, up to the frontier.
+    def take(self, limit: int, frontier: Frontier | None) -> list[Message]:
+        """Remove and return up to ``limit`` messages that are ready: first those of the
+        partitions caught up, then those of the partitions behind up to the frontier, each
+        group oldest first.
 
-        Each partition's messages stay in offset order (so committing a batch's highest offset
-        per partition never passes over a message still buffered). When no message is up to the
-        frontier, the oldest messages are taken anyway: a batch is never held back forever.
+        Caught-up partitions come first so that live traffic is recorded while one partition
+        catches up on a long backlog, not after it. Each partition's messages stay in offset
+        order (so committing a batch's highest offset per partition never passes over a message
+        still buffered). When no message is ready, the oldest messages are taken anyway: a
+        batch is never held back forever.
         """
-        counts = [(p, self._ready(part, frontier)) for p, part in self._parts.items()]
+        counts = [(p, self._ready(p, part, frontier)) for p, part in self._parts.items()]
         if not any(n for _, n in counts):
             counts = [(p, len(part.messages)) for p, part in self._parts.items()]
+        holds = frontier.holds if frontier is not None else frozenset()
         taken = [0] * len(counts)
         batch: list[Message] = []
-        inputs = [self._ordered(i, self._parts[p], n) for i, (p, n) in enumerate(counts) if n]
-        for (_, index, _), message in heapq.merge(*inputs):
+        inputs = [self._ordered(p in holds, i, self._parts[p], n) for i, (p, n) in enumerate(counts) if n]
+        for (_, _, index, _), message in heapq.merge(*inputs):
             if len(batch) >= limit:
                 break
             batch.append(message)
@@ -168,11 +231,13 @@ class TimeAlignedBuffer:
         return batch
 
     @staticmethod
-    def _ordered(index: int, part: _Buffered, count: int) -> Iterator[tuple[tuple[int, int, int], Message]]:
-        # heapq.merge needs each input sorted by its key: the running maximum of the timestamps
-        # (a producer clock may step back) is; the input's index settles ties between inputs, so
-        # messages are never compared.
+    def _ordered(
+        behind: bool, index: int, part: _Buffered, count: int
+    ) -> Iterator[tuple[tuple[bool, int, int, int], Message]]:
+        # heapq.merge needs each input sorted by its key: whether the partition is behind is
+        # constant, and the running maximum of the timestamps (a producer clock may step back)
+        # rises; the input's index settles ties between inputs, so messages are never compared.
         latest = 0
         for message in itertools.islice(part.messages, count):
             latest = max(latest, message.timestamp)
-            yield (latest, index, message.offset), message
+            yield (behind, latest, index, message.offset), message

@@ -31,7 +31,7 @@ from functools import partial
 from typing import Any, TypeAlias, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
-from aiokafka.errors import IllegalStateError, KafkaError
+from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord, TopicPartition
 from clickhouse_connect.driver.exceptions import DataError
 from prometheus_client import Counter, Gauge, Histogram
@@ -91,6 +91,10 @@ LAST_LAG = Gauge(
 STOP_POLL_MS = 200
 #: Longest the broker may hold one of the recorder's fetches waiting for more data.
 MAX_FETCH_WAIT_MS = 1000
+#: What one fetch brings of a partition at most. With a backlog, what aiokafka fetched for the
+#: partitions ahead of the time frontier waits in its buffer until they are read again, so this
+#: bounds that memory per partition; a pull takes a twentieth of a batch anyway (ALIGN_PULLS).
+MAX_PARTITION_FETCH_BYTES = 1024 * 1024
 #: Insert attempts still made once a stop is requested, before giving up without committing.
 STOP_ATTEMPTS = 3
 #: While a refused batch is inserted by halves, how often the recorder polls Kafka (paused) to
@@ -131,9 +135,10 @@ def _stored(message: Message) -> bool:
     )
 
 
-class _ForgetRevoked(ConsumerRebalanceListener):  # type: ignore[misc]
+class _TrackAssignment(ConsumerRebalanceListener):  # type: ignore[misc]
     """Drops revoked partitions from the buffer at once, before they may be assigned again and
-    read from the last commit (their buffered messages would then be read twice, out of order)."""
+    read from the last commit (their buffered messages would then be read twice, out of order),
+    and notes when partitions were assigned (see :meth:`TimeAlignedBuffer.behind`)."""
 
     def __init__(self, buffer: TimeAlignedBuffer) -> None:
         self._buffer = buffer
@@ -142,7 +147,7 @@ class _ForgetRevoked(ConsumerRebalanceListener):  # type: ignore[misc]
         self._buffer.forget(revoked)
 
     def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        pass  # read from their committed offsets, as aiokafka does anyway
+        self._buffer.assign(assigned)  # read from their committed offsets, from now
 
 
 class RecorderConsumer:
@@ -186,9 +191,10 @@ class RecorderConsumer:
             self._settings.group_id,
             fetch_min_bytes=256 * 1024,
             fetch_max_wait_ms=min(MAX_FETCH_WAIT_MS, max(10, int(self._early_seconds * 1000))),
+            max_partition_fetch_bytes=MAX_PARTITION_FETCH_BYTES,
         )
-        self._consumer.subscribe(sorted(self._suffix), listener=_ForgetRevoked(self._buffer))
         try:
+            self._consumer.subscribe(sorted(self._suffix), listener=_TrackAssignment(self._buffer))
             await self._consumer.start()
         except BaseException:
             await self._producer.stop()
@@ -271,11 +277,12 @@ class RecorderConsumer:
         behind (the steady state), a batch is taken once ``batch_max_events`` messages are
         buffered or the oldest is due (:meth:`_due`). With a backlog, messages are pulled only
         from the partitions not ahead of the time frontier, a little at a time, and a batch is
-        taken once ``batch_max_events`` of them are up to the frontier, or the buffer is full,
-        or after ``batch_max_seconds`` of waiting for it (messages of a backlog are overdue
-        anyway); the same until every assigned partition has been fetched once (at a start or
-        after a rebalance), so the first batch of a backlog is cut in time too. A stop request
-        takes what is ready at once; the rest of the buffer is read again after a restart.
+        taken once ``batch_max_events`` of them are ready (up to the frontier, or from a
+        partition caught up), or the buffer is full, or after ``batch_max_seconds`` of waiting
+        for it (messages of a backlog are overdue anyway); the same while some partition
+        assigned less than ``batch_max_seconds`` ago has sent nothing yet (at a start or after
+        a rebalance), so the first batch of a backlog is cut in time too. A stop request takes
+        what is ready at once; the rest of the buffer is read again after a restart.
         """
         consumer = self._kafka_consumer
         buffer = self._buffer
@@ -288,7 +295,7 @@ class RecorderConsumer:
         produced = self._produced(buffer.oldest_timestamp(), started) if len(buffer) else math.inf
         while True:
             buffer.retain(consumer.assignment())
-            behind, unknown = await self._behind()
+            behind, unknown = self._behind()
             frontier = buffer.frontier(behind, self._settings.batch_max_seconds)
             assigned = consumer.assignment()
             due: float | None = None
@@ -333,24 +340,18 @@ class RecorderConsumer:
             if not len(buffer):
                 return []  # idle: let run() check for a stop request
 
-    async def _behind(self) -> tuple[list[TopicPartition], bool]:
-        """The assigned partitions with at least ``ALIGN_MIN_LAG`` messages in Kafka past this
-        consumer's position (high watermarks as of the last fetch), and whether any assigned
-        partition has not been fetched yet (its high watermark unknown)."""
+    def _behind(self) -> tuple[list[TopicPartition], bool]:
+        """The assigned partitions with at least ``ALIGN_MIN_LAG`` messages in Kafka past what
+        was read (high watermarks as of the last fetch), and whether any one's backlog is not
+        known yet (see :meth:`TimeAlignedBuffer.behind`).
+
+        Positions come from the buffer, not aiokafka's ``position()``: that waits while a
+        partition's offset is being reset, for as long as its leader is down, and the whole
+        loop with it.
+        """
         consumer = self._kafka_consumer
-        # High watermarks first, all at once: aiokafka answers only for assigned partitions,
-        # and a rebalance can only come while position() below waits (a reset of an offset).
-        assigned = consumer.assignment()
-        ends = {p: end for p in assigned if (end := consumer.highwater(p)) is not None}
-        behind: list[TopicPartition] = []
-        for partition, end in ends.items():
-            try:
-                position = await consumer.position(partition)
-            except IllegalStateError:
-                continue  # revoked while an earlier position() waited
-            if end - position >= ALIGN_MIN_LAG:
-                behind.append(partition)
-        return behind, len(ends) < len(assigned)
+        ends = {p: consumer.highwater(p) for p in consumer.assignment()}
+        return self._buffer.behind(ends, ALIGN_MIN_LAG, self._settings.batch_max_seconds)
 
     def _due(self, produced: float, size: int) -> float:
         """When a batch of ``size`` events to store, whose oldest message was produced at

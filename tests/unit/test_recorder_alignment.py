@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from services.recorder.alignment import TimeAlignedBuffer
+from services.recorder.alignment import Frontier, TimeAlignedBuffer
 
 Part = tuple[str, int]
 
@@ -27,6 +27,12 @@ COMPLETED: Part = ("calls.completed", 0)
 FAILED: Part = ("calls.failed", 0)
 #: Seconds a partition behind may send nothing before it stops holding the frontier.
 QUIET = 1.0
+EVERY: frozenset[Part] = frozenset({SUBMITTED, DECIDED, COMPLETED, FAILED})
+
+
+def _cut(ms: int, *behind: Part) -> Frontier:
+    """A frontier at ``ms`` holding ``behind`` (every partition when none is named)."""
+    return Frontier(ms, frozenset(behind) or EVERY)
 
 
 @dataclass(frozen=True)
@@ -91,20 +97,20 @@ def test_the_frontier_is_the_earliest_read_until_of_the_partitions_behind() -> N
         _messages(DECIDED, [150, 200]),  # read until 200
         _messages(COMPLETED, [50]),  # read until 50, but caught up: holds nothing back
     )
-    assert buffer.frontier([SUBMITTED, DECIDED], QUIET) == 200
-    assert buffer.frontier([SUBMITTED], QUIET) == 300
-    assert buffer.frontier([SUBMITTED, DECIDED, COMPLETED], QUIET) == 50
+    assert buffer.frontier([SUBMITTED, DECIDED], QUIET) == _cut(200, SUBMITTED, DECIDED)
+    assert buffer.frontier([SUBMITTED], QUIET) == _cut(300, SUBMITTED)
+    assert buffer.frontier([SUBMITTED, DECIDED, COMPLETED], QUIET) == _cut(50, SUBMITTED, DECIDED, COMPLETED)
     # A partition behind that nothing was read from yet holds the frontier at its start.
-    assert buffer.frontier([SUBMITTED, FAILED], QUIET) == 0
+    assert buffer.frontier([SUBMITTED, FAILED], QUIET) == _cut(0, SUBMITTED, FAILED)
 
     # Taking messages does not unread them: the frontier stays where the reading got to.
     buffer.take(100, None)
     assert len(buffer) == 0
-    assert buffer.frontier([SUBMITTED, DECIDED], QUIET) == 200
+    assert buffer.frontier([SUBMITTED, DECIDED], QUIET) == _cut(200, SUBMITTED, DECIDED)
 
     # Reading more of a partition moves its read-until.
     buffer.add(DECIDED, _messages(DECIDED, [260, 280], start=2))
-    assert buffer.frontier([SUBMITTED, DECIDED], QUIET) == 280
+    assert buffer.frontier([SUBMITTED, DECIDED], QUIET) == _cut(280, SUBMITTED, DECIDED)
 
 
 def test_a_partition_behind_that_sends_nothing_stops_holding_the_others(
@@ -116,14 +122,16 @@ def test_a_partition_behind_that_sends_nothing_stops_holding_the_others(
     monkeypatch.setattr("services.recorder.alignment.time.monotonic", lambda: clock[0])
     buffer = _buffer(_messages(SUBMITTED, [100, 200]), _messages(DECIDED, [50]))
     buffer.take(1, None)  # DECIDED's buffer is now empty, SUBMITTED still holds both
-    assert buffer.frontier([SUBMITTED, DECIDED], QUIET) == 50
+    assert buffer.frontier([SUBMITTED, DECIDED], QUIET) == _cut(50, SUBMITTED, DECIDED)
     clock[0] += QUIET + 0.1  # DECIDED silent for longer than QUIET
-    assert buffer.frontier([SUBMITTED, DECIDED], QUIET) == 200  # SUBMITTED still has a message
-    assert buffer.frontier([DECIDED, FAILED], QUIET) == 0  # FAILED first seen just now
+    assert buffer.frontier([SUBMITTED, DECIDED], QUIET) == _cut(
+        200, SUBMITTED
+    )  # SUBMITTED still has a message
+    assert buffer.frontier([DECIDED, FAILED], QUIET) == _cut(0, FAILED)  # FAILED first seen just now
     clock[0] += QUIET + 0.1
     assert buffer.frontier([DECIDED, FAILED], QUIET) is None
     buffer.add(DECIDED, _messages(DECIDED, [400], start=1))  # it speaks again: it counts again
-    assert buffer.frontier([DECIDED, FAILED], QUIET) == 400
+    assert buffer.frontier([DECIDED, FAILED], QUIET) == _cut(400, DECIDED)  # and FAILED has been quiet
 
 
 def test_revoked_partitions_are_forgotten_with_their_messages() -> None:
@@ -140,23 +148,23 @@ def test_a_batch_takes_each_partition_up_to_the_frontier_and_never_skips() -> No
     a = _messages(SUBMITTED, [10, 20, 50, 30, 40])
     b = _messages(DECIDED, [15, 25, 35, 45])
     buffer = _buffer(a, b)
-    assert buffer.ready(40) == 5
+    assert buffer.ready(_cut(40)) == 5
 
-    first = buffer.take(4, 40)
+    first = buffer.take(4, _cut(40))
     assert _keys(first) == [
         ("calls.submitted", 0),
         ("calls.decided", 0),
         ("calls.submitted", 1),
         ("calls.decided", 1),
     ]
-    assert buffer.ready(40) == 1
-    second = buffer.take(4, 40)
+    assert buffer.ready(_cut(40)) == 1
+    second = buffer.take(4, _cut(40))
     assert _keys(second) == [("calls.decided", 2)]
-    assert buffer.ready(40) == 0  # SUBMITTED's next (50) and DECIDED's next (45) are past it
+    assert buffer.ready(_cut(40)) == 0  # SUBMITTED's next (50) and DECIDED's next (45) are past it
 
-    third = buffer.take(2, 50)
+    third = buffer.take(2, _cut(50))
     assert _keys(third) == [("calls.decided", 3), ("calls.submitted", 2)]
-    rest = buffer.take(100, 50)  # 30 and 40 follow 50: in offset order, as soon as they can
+    rest = buffer.take(100, _cut(50))  # 30 and 40 follow 50: in offset order, as soon as they can
     assert _keys(rest) == [("calls.submitted", 3), ("calls.submitted", 4)]
 
     taken = first + second + third + rest
@@ -178,13 +186,13 @@ def test_a_partition_read_far_ahead_waits_for_the_ones_behind() -> None:
         _calls(COMPLETED, range(80), 6),  # read until call 79: 1796
     )
     frontier = buffer.frontier([SUBMITTED, DECIDED, COMPLETED], QUIET)
-    assert frontier == 1090  # SUBMITTED's read-until: the slowest
+    assert frontier == _cut(1090, SUBMITTED, DECIDED, COMPLETED)  # SUBMITTED's read-until: the slowest
     assert buffer.ahead(frontier) == {DECIDED, COMPLETED}  # the consumer reads SUBMITTED only
 
     ready = buffer.ready(frontier)
     batch = buffer.take(10_000, frontier)
     assert len(batch) == ready == 10 + 9 + 9
-    assert max(m.timestamp for m in batch) <= frontier
+    assert frontier is not None and max(m.timestamp for m in batch) <= frontier.time
     assert [m.timestamp for m in batch] == sorted(m.timestamp for m in batch)
     # Calls 0..8 are whole in this batch; only call 9's start, nothing of any later call.
     assert {m.call for m in batch} == set(range(10))
@@ -198,14 +206,73 @@ def test_a_partition_read_far_ahead_waits_for_the_ones_behind() -> None:
     assert _by_partition(left) == {DECIDED: [9, 10, 11], COMPLETED: list(range(9, 80))}
 
 
+def test_a_partition_caught_up_is_neither_held_nor_holds_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    # SUBMITTED has a long backlog (its leader came back, say); DECIDED and COMPLETED are live.
+    clock = [1000.0]
+    monkeypatch.setattr("services.recorder.alignment.time.monotonic", lambda: clock[0])
+    buffer = TimeAlignedBuffer()
+    buffer.assign([SUBMITTED, DECIDED, COMPLETED])
+    buffer.add(SUBMITTED, _messages(SUBMITTED, [100, 200, 300]))
+    buffer.add(DECIDED, _messages(DECIDED, [9000, 9100]))
+    buffer.add(COMPLETED, _messages(COMPLETED, [9050]))
+    ends = {SUBMITTED: 5000, DECIDED: 2, COMPLETED: 1}
+
+    behind, unknown = buffer.behind(ends, 500, QUIET)
+    assert (behind, unknown) == ([SUBMITTED], False)
+    frontier = buffer.frontier(behind, QUIET)
+    assert frontier == _cut(300, SUBMITTED)
+    # The live partitions are read on, though far past the frontier, and all theirs is ready.
+    assert buffer.ahead(frontier) == set()
+    assert buffer.ready(frontier) == 6
+    # ... and taken first: live traffic is recorded while SUBMITTED catches up.
+    assert _keys(buffer.take(3, frontier)) == [
+        ("calls.decided", 0),
+        ("calls.completed", 0),
+        ("calls.decided", 1),
+    ]
+    assert [m.timestamp for m in buffer.take(3, frontier)] == [100, 200, 300]
+
+
+def test_behind_is_told_by_offsets_read_and_unknown_backlogs_count_for_a_grace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("services.recorder.alignment.time.monotonic", lambda: clock[0])
+    buffer = TimeAlignedBuffer()
+    buffer.assign([SUBMITTED, DECIDED, COMPLETED, FAILED])
+    # Offsets as a compacted topic has them: the position is after the last one read.
+    buffer.add(SUBMITTED, [_Message(SUBMITTED, 0, 100), _Message(SUBMITTED, 7, 110)])
+    buffer.add(DECIDED, _messages(DECIDED, [100, 120], start=40))
+    ends = {SUBMITTED: 508, DECIDED: 541, COMPLETED: None, FAILED: 900}
+
+    # SUBMITTED: 500 left past offset 8; DECIDED: 499 past 42. COMPLETED has not been fetched
+    # and FAILED has sent nothing since its assignment: their backlogs are unknown, so for now
+    # they count as behind and not read (holding the frontier at their start).
+    assert buffer.behind(ends, 500, QUIET) == ([SUBMITTED, COMPLETED, FAILED], True)
+    assert buffer.behind(ends, 499, QUIET) == ([SUBMITTED, DECIDED, COMPLETED, FAILED], True)
+    assert buffer.frontier([SUBMITTED, COMPLETED, FAILED], QUIET) == _cut(0, SUBMITTED, COMPLETED, FAILED)
+
+    # After the grace, a partition that sent nothing counts as caught up: idle, or unreachable,
+    # it holds no batch back for longer.
+    clock[0] += QUIET + 0.1
+    assert buffer.behind(ends, 500, QUIET) == ([SUBMITTED], False)
+    # Taking messages does not move the position back; being assigned again starts afresh.
+    buffer.take(100, None)
+    assert buffer.behind(ends, 500, QUIET) == ([SUBMITTED], False)
+    buffer.assign([SUBMITTED])
+    assert buffer.behind(ends, 500, QUIET) == ([SUBMITTED], True)
+    buffer.add(SUBMITTED, [_Message(SUBMITTED, 300, 150)])
+    assert buffer.behind(ends, 500, QUIET) == ([], False)  # 207 left: caught up
+
+
 def test_a_batch_is_never_held_back_forever() -> None:
     buffer = _buffer(_messages(SUBMITTED, [300, 500]), _messages(DECIDED, [200, 400, 600]))
-    assert buffer.ready(100) == 0  # the frontier is before every buffered message
+    assert buffer.ready(_cut(100)) == 0  # the frontier is before every buffered message
 
-    batch = buffer.take(3, 100)
+    batch = buffer.take(3, _cut(100))
     assert [m.timestamp for m in batch] == [200, 300, 400]  # the oldest, up to the limit
     assert len(buffer) == 2
-    assert [m.timestamp for m in buffer.take(3, 100)] == [500, 600]
+    assert [m.timestamp for m in buffer.take(3, _cut(100))] == [500, 600]
     assert len(buffer) == 0
 
 
@@ -218,7 +285,7 @@ def test_a_clock_going_backwards_keeps_each_partition_in_offset_order() -> None:
     assert [m.timestamp for m in everything] == [100, 150, 260, 300, 200, 250, 350, 400]
 
     buffer = _buffer(a, b)
-    assert [m.timestamp for m in buffer.take(100, 250)] == [100, 150]  # 300 stops SUBMITTED
+    assert [m.timestamp for m in buffer.take(100, _cut(250))] == [100, 150]  # 300 stops SUBMITTED
     taken: list[_Message] = []
     while len(buffer):
         batch = buffer.take(2, None)
@@ -287,12 +354,15 @@ def test_any_adds_and_takes_give_every_message_once_in_offset_order(seed: int) -
         assert buffer.events == sum(m.stored for m in buffered)
         assert buffer.oldest_timestamp() == min((m.timestamp for m in buffered if m.timestamp > 0), default=0)
 
-    def take(limit: int, frontier: int | None) -> None:
+    def take(limit: int, frontier: Frontier | None) -> None:
         size, ready = len(buffer), buffer.ready(frontier)
         batch = buffer.take(limit, frontier)
         if ready:
             assert len(batch) == min(limit, ready)
-            assert frontier is None or all(m.timestamp <= frontier for m in batch)
+            if frontier is not None:
+                behind = [m.partition in frontier.holds for m in batch]
+                assert behind == sorted(behind)  # the partitions caught up first
+                assert all(m.timestamp <= frontier.time for m in batch if m.partition in frontier.holds)
         else:
             assert len(batch) == min(limit, size)  # never held back
         for m in batch:
@@ -311,12 +381,13 @@ def test_any_adds_and_takes_give_every_message_once_in_offset_order(seed: int) -
             check()
         else:
             behind = rng.sample(partitions, rng.randrange(0, len(partitions) + 1))
-            frontier = rng.choice([None, rng.randrange(900, 3000), buffer.frontier(behind, QUIET)])
+            cut = Frontier(rng.randrange(900, 3000), frozenset(behind))
+            frontier = rng.choice([None, cut, buffer.frontier(behind, QUIET)])
             take(rng.randrange(0, 12), frontier)
 
     for p in partitions:  # read the rest, then drain
         buffer.add(p, source[p][read[p] :])
         read[p] = len(source[p])
     while len(buffer):
-        take(rng.randrange(1, 12), rng.choice([None, 1000]))
+        take(rng.randrange(1, 12), rng.choice([None, Frontier(1000, frozenset(partitions))]))
     assert out == source

@@ -45,15 +45,12 @@ class _Fetcher:
         return {("t", 0)}
 
     def highwater(self, partition: Any) -> int:
-        return 0  # with position() below: never behind, batches are cut by size and time only
-
-    async def position(self, partition: Any) -> int:
-        return 0
+        return 0  # never behind once read from: batches are cut by size and time only
 
     async def getmany(
         self, *partitions: Any, timeout_ms: int = 0, max_records: int | None = None
     ) -> dict[Any, list[_Message]]:
-        assert not partitions  # nothing behind: every partition is read
+        assert set(partitions) <= self.assignment()  # nothing ahead: every partition is read
         assert timeout_ms >= 0
         assert max_records is None or max_records >= 1  # aiokafka raises ValueError otherwise
         self.timeouts.append(timeout_ms)
@@ -262,7 +259,10 @@ class _Backlog:
         return len(self.logs[partition])
 
     async def position(self, partition: str) -> int:
-        return self.read[partition]
+        # As aiokafka's while a partition's offset is reset and its leader is down: it never
+        # returns, so the loop must know how far it read without asking.
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
 
     async def getmany(
         self, *partitions: str, timeout_ms: int = 0, max_records: int | None = None
@@ -316,3 +316,20 @@ async def test_without_a_backlog_batches_are_cut_by_size_as_read() -> None:
     c._buffer = TimeAlignedBuffer(consumer._stored)
     batch = await asyncio.wait_for(c._collect(), timeout=WINDOW / 2)
     assert [(m.timestamp - base) for m in batch] == [0, 1, 2, 3, 4, 100]
+
+
+async def test_a_partition_catching_up_does_not_hold_back_the_live_ones() -> None:
+    # "late" has a backlog of a minute (its leader came back, say); "live" is caught up. The
+    # live events are read and recorded in the first batch, not after "late" caught up.
+    now = int(time.time() * 1000)
+    logs = {
+        "late": [_Event(i, now - 60_000 + i, i) for i in range(2000)],
+        "live": [_Event(i, now - 10 + i, 10_000 + i) for i in range(4)],
+    }
+    c = _consumer(_Fetcher(), max_events=90)
+    c._consumer = _Backlog(logs)
+    batch = await asyncio.wait_for(c._collect(), timeout=WINDOW / 2)
+    assert len(batch) == 90
+    assert sorted(m.call for m in batch if m.call >= 10_000) == list(range(10_000, 10_004))
+    late = [m.offset for m in batch if m.call < 10_000]
+    assert late == list(range(86))  # and the rest from the backlog, in order

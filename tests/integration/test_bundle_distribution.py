@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 import pytest
 from aiokafka.structs import TopicPartition
@@ -16,6 +15,7 @@ from skillgate.events import Identity
 from skillgate.kafka import make_consumer, make_producer
 from skillgate.policy.bundle import Bundle, BundleError, parse_bundle
 from skillgate.policy.distribution import BundleWatcher, bundle_event, publish_bundle, published_bundles
+from tests.conftest import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -50,15 +50,6 @@ rules:
   - id: mask-everything
     action: mask
 """
-
-
-async def eventually(condition: Callable[[], object], timeout: float = 20.0) -> None:
-    """Wait until ``condition()`` is truthy, failing after ``timeout`` seconds."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.05)
 
 
 async def end_offset(kafka: KafkaSettings) -> int:

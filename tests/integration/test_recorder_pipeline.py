@@ -13,7 +13,7 @@ import io
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,6 +42,7 @@ from skillgate.kafka import make_consumer, make_producer
 from skillgate.localkafka import free_port
 from skillgate.oidc import TokenVerifier
 from tests import factories
+from tests.conftest import eventually
 from tests.servers import serve_asgi
 
 pytestmark = pytest.mark.integration
@@ -58,18 +59,6 @@ CALLER = factories.identity(
     token_id="jti-c1",
 )
 UNMASKED = "UNMASKED-SECRET-sk-ant-0000"
-
-
-async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 30.0) -> T:
-    """Poll an async condition until it returns something truthy, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.05)  # polling interval of a condition with a deadline
-    raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
 
 
 # ---------------------------------------------------------------------------------------------

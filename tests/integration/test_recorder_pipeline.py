@@ -336,6 +336,53 @@ async def test_a_backlog_is_cut_in_time_across_topics_so_calls_meet_in_one_batch
     assert whole >= 0.8 * calls, f"{whole} of {calls} calls whole in one batch: {[len(b) for b in batches]}"
 
 
+async def test_a_partition_catching_up_does_not_hold_back_live_calls(
+    store: AuditStore,
+    kafka_settings: KafkaSettings,
+    producer: AIOKafkaProducer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One partition with a backlog of ten minutes ago (its leader came back, say) and a call
+    happening now on caught-up partitions: the live call is recorded in the first batches, not
+    after the backlog (which takes ~15 batches here)."""
+    backlog = 1500
+    ten_minutes_ago = int(time.time() * 1000) - 600_000
+    sends = []
+    for i in range(backlog):
+        call_id = ev.new_call_id()
+        _, name, event = call_events(call_id, "sess-backlog")[0]  # CallSubmitted
+        value = default_codec().encode(name, event)
+        topic = topics.name(kafka_settings, topics.SUBMITTED)
+        # One key: one partition holds the whole backlog.
+        sends.append(await producer.send(topic, value, key=b"backlog", timestamp_ms=ten_minutes_ago + i))
+    await asyncio.gather(*sends)
+    live = ev.new_call_id()
+    for suffix, name, event in call_events(live, "sess-live")[1:]:  # decided, completed: now
+        await producer.send_and_wait(topics.name(kafka_settings, suffix), default_codec().encode(name, event))
+
+    batches: list[set[str]] = []  # per prepared batch: its call ids
+    prepare = store.prepare_batch
+
+    def noted(records: Any, after: Any = None) -> PreparedBatch:
+        batches.append({str(record.event.get("call_id")) for record in records})
+        return prepare(records, after)
+
+    monkeypatch.setattr(store, "prepare_batch", noted)
+    group = f"live-{uuid.uuid4().hex[:8]}"
+    async with running(store, kafka_settings, group, batch_max_events=100, batch_max_seconds=0.5):
+
+        async def all_stored() -> bool:
+            return await asyncio.to_thread(_count, store, "SELECT count() FROM events") >= backlog + 2
+
+        await eventually(all_stored)
+    first = next(i for i, calls in enumerate(batches) if live in calls)
+    # Held at the backlog's frontier, the live call would come once the backlog partition is
+    # within ALIGN_MIN_LAG of its end: after ~10 batches of 100.
+    assert first <= 2, f"the live call came in batch {first} of {len(batches)}"
+    assert len(batches) >= backlog // 100
+    assert _count(store, "SELECT count() FROM events") == backlog + 2
+
+
 async def test_store_outage_pauses_consumption_and_commits_nothing(
     store: AuditStore,
     kafka_settings: KafkaSettings,

@@ -15,9 +15,10 @@ buffers and not reading more of the partitions that run ahead; this buffer does 
   from its high watermark and how far it was read); the others are caught up;
 * the **frontier** is the earliest time up to which every partition behind has been read;
 * a batch takes the buffered messages up to the frontier, oldest first, each partition's in
-  offset order, so the events of the calls in that time range meet in one batch; what came from
-  the partitions caught up is taken whatever its time, and first (live traffic is not held back
-  while one partition catches up, say after its leader came back);
+  offset order, so the events of the calls in that time range meet in one batch; a partition
+  caught up is cut there too, except for its live traffic (messages read within
+  :data:`LIVE_SECONDS` of their time), which is taken whatever its time, and first: live
+  traffic is not held back while one partition catches up, say after its leader came back;
 * the consumer pulls more only from the partitions not past the frontier
   (:meth:`TimeAlignedBuffer.ahead` are left in aiokafka's fetch buffer meanwhile).
 
@@ -42,6 +43,11 @@ from typing import Any
 Partition = Any
 #: A consumed message: aiokafka's ``ConsumerRecord`` (``offset`` and ``timestamp`` are read).
 Message = Any
+#: A message read within this many seconds of its timestamp is live traffic: a partition caught
+#: up does not hold it to the frontier. Older messages of a partition caught up (the few hundred
+#: a quiet topic gathered while the recorder was down) are cut at the frontier with the rest of
+#: the backlog, so their calls' other events meet them in one batch.
+LIVE_SECONDS = 30.0
 
 
 @dataclass
@@ -57,6 +63,9 @@ class _Buffered:
     #: read yet). The consumer's position, known without asking aiokafka, which waits for a
     #: leader when the position must be reset.
     position: int | None = None
+    #: The offset of the first live message read since the partition was assigned (None: none
+    #: yet); every later message of the partition counts as live too.
+    live_from: int | None = None
 
 
 @dataclass(frozen=True)
@@ -72,9 +81,15 @@ class Frontier:
 class TimeAlignedBuffer:
     """Messages fetched and not yet batched, per partition (see the module doc)."""
 
-    def __init__(self, counts: Callable[[Message], bool] = lambda _: True) -> None:
-        """``counts`` tells which messages count as events to store (:attr:`events`)."""
+    def __init__(
+        self,
+        counts: Callable[[Message], bool] = lambda _: True,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``counts`` tells which messages count as events to store (:attr:`events`);
+        ``wall_clock`` (seconds since the epoch) tells live messages (:data:`LIVE_SECONDS`)."""
         self._counts = counts
+        self._wall_clock = wall_clock
         self._parts: dict[Partition, _Buffered] = {}
         self._size = 0
         #: Buffered messages for which ``counts`` is true.
@@ -89,7 +104,10 @@ class TimeAlignedBuffer:
         if part is None:
             part = self._parts[partition] = _Buffered()
         before = self._size
+        live_since = int((self._wall_clock() - LIVE_SECONDS) * 1000)
         for message in messages:
+            if part.live_from is None and message.timestamp >= live_since:
+                part.live_from = message.offset
             part.messages.append(message)
             part.read_until = max(part.read_until, message.timestamp)
             self._size += 1
@@ -167,18 +185,21 @@ class TimeAlignedBuffer:
 
     @staticmethod
     def _ready(partition: Partition, part: _Buffered, frontier: Frontier | None) -> int:
-        """How many of a partition's buffered messages, from the first, are up to the frontier."""
-        if frontier is None or partition not in frontier.holds:
+        """How many of a partition's buffered messages, from the first, are up to the frontier
+        (or live, for a partition caught up)."""
+        if frontier is None:
             return len(part.messages)
+        live_from = part.live_from if partition not in frontier.holds else None
         count = 0
         for message in part.messages:
-            if message.timestamp > frontier.time:
+            if message.timestamp > frontier.time and (live_from is None or message.offset < live_from):
                 break
             count += 1
         return count
 
     def ready(self, frontier: Frontier | None) -> int:
-        """How many buffered messages a batch cut at ``frontier`` may take."""
+        """How many buffered messages a batch cut at ``frontier`` may take: of each partition,
+        those up to the frontier, and of a partition caught up its live ones too."""
         return sum(self._ready(p, part, frontier) for p, part in self._parts.items())
 
     def ahead(self, frontier: Frontier | None) -> set[Partition]:
@@ -201,9 +222,9 @@ class TimeAlignedBuffer:
             self.events -= sum(map(self._counts, part.messages))
 
     def take(self, limit: int, frontier: Frontier | None) -> list[Message]:
-        """Remove and return up to ``limit`` messages that are ready: first those of the
-        partitions caught up, then those of the partitions behind up to the frontier, each
-        group oldest first.
+        """Remove and return up to ``limit`` messages that are ready (:meth:`ready`): first
+        those of the partitions caught up, then those of the partitions behind, each group
+        oldest first.
 
         Caught-up partitions come first so that live traffic is recorded while one partition
         catches up on a long backlog, not after it. Each partition's messages stay in offset

@@ -91,10 +91,6 @@ LAST_LAG = Gauge(
 STOP_POLL_MS = 200
 #: Longest the broker may hold one of the recorder's fetches waiting for more data.
 MAX_FETCH_WAIT_MS = 1000
-#: What one fetch brings of a partition at most. With a backlog, what aiokafka fetched for the
-#: partitions ahead of the time frontier waits in its buffer until they are read again, so this
-#: bounds that memory per partition; a pull takes a twentieth of a batch anyway (ALIGN_PULLS).
-MAX_PARTITION_FETCH_BYTES = 1024 * 1024
 #: Insert attempts still made once a stop is requested, before giving up without committing.
 STOP_ATTEMPTS = 3
 #: While a refused batch is inserted by halves, how often the recorder polls Kafka (paused) to
@@ -191,7 +187,6 @@ class RecorderConsumer:
             self._settings.group_id,
             fetch_min_bytes=256 * 1024,
             fetch_max_wait_ms=min(MAX_FETCH_WAIT_MS, max(10, int(self._early_seconds * 1000))),
-            max_partition_fetch_bytes=MAX_PARTITION_FETCH_BYTES,
         )
         try:
             self._consumer.subscribe(sorted(self._suffix), listener=_TrackAssignment(self._buffer))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from services.recorder.alignment import Frontier, TimeAlignedBuffer
+from services.recorder.alignment import LIVE_SECONDS, Frontier, TimeAlignedBuffer
 
 Part = tuple[str, int]
 
@@ -206,31 +206,51 @@ def test_a_partition_read_far_ahead_waits_for_the_ones_behind() -> None:
     assert _by_partition(left) == {DECIDED: [9, 10, 11], COMPLETED: list(range(9, 80))}
 
 
-def test_a_partition_caught_up_is_neither_held_nor_holds_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    # SUBMITTED has a long backlog (its leader came back, say); DECIDED and COMPLETED are live.
+def test_a_partition_caught_up_holds_nothing_back_and_its_live_traffic_goes_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # SUBMITTED has a long backlog (its leader came back, say). DECIDED is caught up and live.
+    # COMPLETED is caught up too, but what it gathered while the recorder was down is old.
     clock = [1000.0]
     monkeypatch.setattr("services.recorder.alignment.time.monotonic", lambda: clock[0])
-    buffer = TimeAlignedBuffer()
+    now_ms = 10_000 + int(LIVE_SECONDS * 1000)  # live: read within LIVE_SECONDS, from 10,000 ms
+    buffer = TimeAlignedBuffer(wall_clock=lambda: now_ms / 1000)
     buffer.assign([SUBMITTED, DECIDED, COMPLETED])
     buffer.add(SUBMITTED, _messages(SUBMITTED, [100, 200, 300]))
-    buffer.add(DECIDED, _messages(DECIDED, [9000, 9100]))
-    buffer.add(COMPLETED, _messages(COMPLETED, [9050]))
-    ends = {SUBMITTED: 5000, DECIDED: 2, COMPLETED: 1}
+    buffer.add(DECIDED, _messages(DECIDED, [now_ms - 200, now_ms - 100]))
+    buffer.add(COMPLETED, _messages(COMPLETED, [150, 9_000, now_ms - 150]))
+    ends = {SUBMITTED: 5000, DECIDED: 2, COMPLETED: 3}
 
     behind, unknown = buffer.behind(ends, 500, QUIET)
     assert (behind, unknown) == ([SUBMITTED], False)
     frontier = buffer.frontier(behind, QUIET)
     assert frontier == _cut(300, SUBMITTED)
-    # The live partitions are read on, though far past the frontier, and all theirs is ready.
+    # The partitions caught up are read on, though far past the frontier ...
     assert buffer.ahead(frontier) == set()
-    assert buffer.ready(frontier) == 6
-    # ... and taken first: live traffic is recorded while SUBMITTED catches up.
+    # ... and ready: DECIDED's live messages whatever their time; COMPLETED's up to the
+    # frontier (150), then its old 9,000 waits for the frontier, and its live message behind it.
+    assert buffer.ready(frontier) == 3 + 2 + 1
+    # Caught-up partitions first: live traffic is recorded while SUBMITTED catches up.
     assert _keys(buffer.take(3, frontier)) == [
-        ("calls.decided", 0),
         ("calls.completed", 0),
+        ("calls.decided", 0),
         ("calls.decided", 1),
     ]
-    assert [m.timestamp for m in buffer.take(3, frontier)] == [100, 200, 300]
+    assert [m.timestamp for m in buffer.take(10, frontier)] == [100, 200, 300]
+    assert buffer.ready(frontier) == 0
+
+    buffer.add(SUBMITTED, _messages(SUBMITTED, [9_100], start=3))
+    frontier = buffer.frontier(behind, QUIET)
+    assert frontier == _cut(9_100, SUBMITTED)
+    assert [m.timestamp for m in buffer.take(10, frontier)] == [9_000, now_ms - 150, 9_100]
+
+
+def test_assigning_a_partition_again_drops_what_was_buffered_of_it() -> None:
+    buffer = _buffer(_messages(SUBMITTED, [100, 200]), _messages(DECIDED, [150]))
+    buffer.assign([SUBMITTED, FAILED])  # aiokafka reads SUBMITTED again from the last commit
+    assert (len(buffer), buffer.events, buffer.oldest_timestamp()) == (1, 1, 150)
+    assert _keys(buffer.take(10, None)) == [("calls.decided", 0)]
+    assert buffer.behind({SUBMITTED: 900, DECIDED: 1}, 500, QUIET) == ([SUBMITTED], True)
 
 
 def test_behind_is_told_by_offsets_read_and_unknown_backlogs_count_for_a_grace(

@@ -333,3 +333,20 @@ async def test_a_partition_catching_up_does_not_hold_back_the_live_ones() -> Non
     assert sorted(m.call for m in batch if m.call >= 10_000) == list(range(10_000, 10_004))
     late = [m.offset for m in batch if m.call < 10_000]
     assert late == list(range(86))  # and the rest from the backlog, in order
+
+
+def test_the_rebalance_listener_keeps_the_buffer_to_the_assignment() -> None:
+    # Revoked: what was buffered is dropped (the next owner reads it from the last commit).
+    # Assigned: read afresh from the last commit, its backlog unknown until it sends.
+    buffer = TimeAlignedBuffer(consumer._stored)
+    listener = consumer._TrackAssignment(buffer)
+    now = int(time.time() * 1000)
+    buffer.add("a", [_Message(0, now), _Message(1, now)])
+    buffer.add("b", [_Message(7, now)])
+    assert buffer.behind({"a": 2, "b": 8}, 1, WINDOW) == ([], False)
+
+    listener.on_partitions_revoked(["a"])
+    assert (len(buffer), buffer.events) == (1, 1)
+    listener.on_partitions_assigned(["a"])
+    assert buffer.behind({"a": 2, "b": 8}, 1, WINDOW) == (["a"], True)
+    assert [m.offset for m in buffer.take(10, None)] == [7]

@@ -272,8 +272,8 @@ class RecorderConsumer:
         behind (the steady state), a batch is taken once ``batch_max_events`` messages are
         buffered or the oldest is due (:meth:`_due`). With a backlog, messages are pulled only
         from the partitions not ahead of the time frontier, a little at a time, and a batch is
-        taken once ``batch_max_events`` of them are ready (up to the frontier, or from a
-        partition caught up), or the buffer is full, or after ``batch_max_seconds`` of waiting
+        taken once ``batch_max_events`` of them are ready (up to the frontier, or live ones of
+        a partition caught up), or the buffer is full, or after ``batch_max_seconds`` of waiting
         for it (messages of a backlog are overdue anyway); the same while some partition
         assigned less than ``batch_max_seconds`` ago has sent nothing yet (at a start or after
         a rebalance), so the first batch of a backlog is cut in time too. A stop request takes
@@ -312,8 +312,8 @@ class RecorderConsumer:
             wait_ms = STOP_POLL_MS if due is None else math.ceil((due - time.monotonic()) * 1000)
             room = capacity - len(buffer)
             if frontier is not None or unknown:
-                # Small pulls keep any one partition from running far ahead (and, until every
-                # partition has been fetched once, from filling the buffer before it is known
+                # Small pulls keep any one partition from running far ahead (and, while some
+                # partition's backlog is unknown, from filling the buffer before it is known
                 # which are behind).
                 room = min(room, max(1, limit // ALIGN_PULLS))
             wanted: list[TopicPartition] = []

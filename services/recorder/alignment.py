@@ -203,11 +203,20 @@ class TimeAlignedBuffer:
         return sum(self._ready(p, part, frontier) for p, part in self._parts.items())
 
     def ahead(self, frontier: Frontier | None) -> set[Partition]:
-        """The partitions behind that were read past the frontier: reading more of them only
-        grows the buffer, so the consumer reads the others until they catch up."""
+        """The partitions read past the frontier: those behind read beyond its time, and those
+        caught up with a message held to it (all they send after it waits too). Reading more of
+        them only grows the buffer, so the consumer reads the others until they catch up."""
         if frontier is None:
             return set()
-        return {p for p in frontier.holds if (part := self._parts.get(p)) and part.read_until > frontier.time}
+        return {
+            p
+            for p, part in self._parts.items()
+            if (
+                part.read_until > frontier.time
+                if p in frontier.holds
+                else self._ready(p, part, frontier) < len(part.messages)
+            )
+        }
 
     def retain(self, assigned: Container[Partition]) -> None:
         """Forget the partitions not in ``assigned`` (see :meth:`forget`)."""
